@@ -1,0 +1,66 @@
+"""The ``tinylora`` command line: thin subcommands over the library.
+
+Each command lives in its own module with ``register(subparsers)``, which adds a parser
+whose ``func(args)`` does the work and returns an exit code (or None for 0). Shared
+conventions: ``--seed``, ``--out``, ``--json`` mean the same everywhere (see ``common``);
+an error prints one line and exits 1, with the traceback only under ``--debug``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module, one-line description shown by `tinylora --help`), in the order listed there
+_COMMANDS = [
+    ("gradcheck", "check every op's backward against finite differences (float64)"),
+]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinylora",
+        description="LoRA and QLoRA fine-tuning from scratch on NumPy/CuPy.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `tinylora COMMAND --help` for a command's options and defaults.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, summary in _COMMANDS:
+        module = importlib.import_module(f".{name}_cmd", __name__)
+        module.register(sub, name, summary)
+    return parser
+
+
+def _version() -> str:
+    from .. import __version__
+    return f"tinylora {__version__}"
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    debug = args.debug or getattr(args, "debug_cmd", False)
+    try:
+        code = args.func(args)
+        return 0 if code is None else int(code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  (every failure becomes one clear line)
+        if debug:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"tinylora {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""softmax, log_softmax and cross_entropy: fused, each with one hand-derived backward.
+
+Fused because the composed graph (exp, sum, div, log) both costs more passes over memory
+and overflows for large logits; subtracting the row maximum keeps ±1e4 logits finite.
+"""
+from __future__ import annotations
+
+from .. import backend
+from ..backend import xp
+from ..tensor import Tensor, make_result
+
+
+def _softmax_array(X, dim):
+    e = X - X.max(axis=dim, keepdims=True)
+    xp.exp(e, out=e)
+    e /= e.sum(axis=dim, keepdims=True)
+    return e
+
+
+# y = e^x / Σ e^x  ->  dx = y ⊙ (dy - Σ(dy ⊙ y))      (the Jacobian diag(y) - y yᵀ applied to dy)
+def softmax(x: Tensor, dim: int = -1) -> Tensor:
+    y = _softmax_array(x.data, dim)
+
+    def backward(g):
+        gy = g * y
+        gy -= y * gy.sum(axis=dim, keepdims=True)
+        return (gy,)
+    return make_result(y, (x,), backward, "softmax")
+
+
+# y = x - m - log Σ e^(x-m)  ->  dx = dy - softmax(x) ⊙ Σ dy
+def log_softmax(x: Tensor, dim: int = -1) -> Tensor:
+    X = x.data
+    shifted = X - X.max(axis=dim, keepdims=True)
+    y = shifted - xp.log(xp.exp(shifted).sum(axis=dim, keepdims=True))
+
+    def backward(g):
+        return (g - xp.exp(y) * g.sum(axis=dim, keepdims=True),)
+    return make_result(y, (x,), backward, "log_softmax")
+
+
+# loss_i = logsumexp(z_i) - z_i[t_i];  mean over rows whose target != ignore_index
+#   ->  dz_i = (softmax(z_i) - onehot(t_i)) · dloss_i        (zero for ignored rows)
+def cross_entropy(logits: Tensor, targets, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+    """Softmax cross-entropy. logits (..., C), targets (...) of class ids.
+
+    Classes are on the last axis (so (B, T, C) logits need no transpose); for (N, C) this is
+    exactly ``torch.nn.functional.cross_entropy``. reduction: "mean" (over non-ignored
+    targets), "sum" or "none". label_smoothing mixes the target with the uniform distribution.
+    """
+    T = targets.data if isinstance(targets, Tensor) else xp.asarray(targets)
+    Z = logits.data
+    C = Z.shape[-1]
+    if T.shape != Z.shape[:-1]:
+        raise ValueError(f"cross_entropy: logits {Z.shape} need targets of shape {Z.shape[:-1]}, "
+                         f"got {T.shape}")
+    if T.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: targets must be integer class ids, got dtype {T.dtype}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    Z2 = Z.reshape(-1, C)
+    t = T.reshape(-1)
+    valid = t != ignore_index
+    tv = xp.where(valid, t, 0)
+    if T.size and not backend.is_cuda() and (int(tv.min()) < 0 or int(tv.max()) >= C):
+        # checked on the host only: on the GPU this would cost a sync every step
+        raise IndexError(f"cross_entropy: target ids must lie in [0, {C}) or equal "
+                         f"ignore_index={ignore_index}; got min {int(tv.min())}, max {int(tv.max())}")
+    m = Z2.max(axis=1, keepdims=True)
+    p = Z2 - m
+    xp.exp(p, out=p)
+    s = p.sum(axis=1, keepdims=True)
+    lse = (xp.log(s) + m)[:, 0]
+    rows = xp.arange(Z2.shape[0])
+    nll = lse - Z2[rows, tv]
+    if label_smoothing:
+        eps = label_smoothing
+        nll = (1 - eps) * nll + eps * (lse - Z2.mean(axis=1))
+    nll = xp.where(valid, nll, Z.dtype.type(0))
+    n_valid = xp.maximum(valid.sum(), 1).astype(Z.dtype)  # stays on the device: no sync
+    if reduction == "mean":
+        loss = nll.sum() / n_valid  # all targets ignored -> 0 (torch gives nan)
+    elif reduction == "sum":
+        loss = nll.sum()
+    else:
+        loss = nll.reshape(T.shape)
+
+    def backward(g):
+        d = p / s                                    # softmax(z)
+        if label_smoothing:
+            d -= label_smoothing / C
+            d[rows, tv] -= 1 - label_smoothing
+        else:
+            d[rows, tv] -= 1
+        if reduction == "none":
+            w = g.reshape(-1) * valid
+        else:
+            w = valid * (g / n_valid if reduction == "mean" else g)
+        d *= w.astype(Z.dtype, copy=False)[:, None]
+        return (d.reshape(Z.shape),)
+    return make_result(xp.asarray(loss, dtype=Z.dtype), (logits,), backward, "cross_entropy")
