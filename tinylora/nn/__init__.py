@@ -1,8 +1,9 @@
 """tinylora.nn: modules with PyTorch's names and layouts."""
 from .layers import (GELU, Dropout, Embedding, Identity, LayerNorm, Linear, ModuleDict,
                      ModuleList, ReLU, Sequential)
+from .routing import BASE, adapter_routing, current_routing
 from .module import IncompatibleKeys, Module, Parameter, ShapeError, StateDictError
 
 __all__ = ["Module", "Parameter", "ShapeError", "StateDictError", "IncompatibleKeys", "Linear", "Embedding",
            "LayerNorm", "Dropout", "GELU", "ReLU", "Identity", "ModuleList", "ModuleDict",
-           "Sequential"]
+           "Sequential", "adapter_routing", "current_routing", "BASE"]
