@@ -41,29 +41,59 @@ class _ArrayModule:
     def __repr__(self):
         return f"<tinylora array module: {self.__name__}>"
 
+    def __getattr__(self, name):  # only reached for names the bound module lacks
+        raise AttributeError(f"array module {self.__name__} has no attribute {name!r}"
+                             + (" (CuPy lacks it: the device path must not use it)"
+                                if _device == "guard" else ""))
+
 
 xp = _ArrayModule()
 _device = "cpu"
 _cupy = None  # the cupy module once device "cuda" was bound
 
 
-def _bind(module, name: str, label: str) -> None:
+def _bind(namespace: dict, name: str, label: str) -> None:
     global _device
     xp.__dict__.clear()
-    xp.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+    xp.__dict__.update({k: v for k, v in namespace.items() if not k.startswith("__")})
     xp.__name__ = label
     _device = name
+
+
+def _guard_namespace() -> dict:
+    """NumPy restricted to the names CuPy also has (top level, linalg, random, fft).
+
+    Tests run under device "guard" on machines without a GPU: a NumPy-only call on the
+    device path then fails with AttributeError instead of passing unnoticed.
+    """
+    try:
+        import cupy
+    except ImportError:
+        raise DeviceError("device 'guard' compares NumPy calls with CuPy's namespace and needs "
+                          "CuPy installed (pip install 'tinylora[test]')") from None
+
+    def restrict(np_mod, cp_mod, label):
+        ns = _ArrayModule()
+        ns.__dict__.update({k: getattr(np_mod, k) for k in dir(cp_mod)
+                            if not k.startswith("_") and hasattr(np_mod, k)})
+        ns.__name__ = label
+        return ns
+
+    top = {k: getattr(np, k) for k in dir(cupy) if not k.startswith("_") and hasattr(np, k)}
+    for sub in ("linalg", "random", "fft"):
+        top[sub] = restrict(getattr(np, sub), getattr(cupy, sub), f"guard.{sub}")
+    return top
 
 
 def set_device(name: str) -> None:
     """Choose where arrays live: "cpu" (NumPy) or "cuda" (CuPy on the current GPU).
 
-    "guard" (for tests) is NumPy restricted to the names CuPy also has; see ``_guard``.
+    "guard" (for tests) is NumPy restricted to the names CuPy also has.
     """
     global _cupy
     key = str(name).strip().lower()
     if key == "cpu":
-        _bind(np, "cpu", "numpy")
+        _bind(vars(np), "cpu", "numpy")
     elif key in ("cuda", "gpu"):
         try:
             import cupy
@@ -80,10 +110,9 @@ def set_device(name: str) -> None:
                 "device 'cuda' was asked for, but CuPy finds no usable GPU "
                 "(cupy.is_available() is False); use TINYLORA_DEVICE=cpu")
         _cupy = cupy
-        _bind(cupy, "cuda", "cupy")
+        _bind(vars(cupy), "cuda", "cupy")
     elif key == "guard":
-        from . import _guard  # noqa: F401  (lazy: only tests use it)
-        _bind(_guard.module(), "guard", "guard(numpy ∩ cupy)")
+        _bind(_guard_namespace(), "guard", "guard(numpy ∩ cupy)")
     else:
         raise DeviceError(f"unknown device {name!r}: use 'cpu' or 'cuda' (TINYLORA_DEVICE)")
 

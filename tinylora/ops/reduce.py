@@ -43,8 +43,8 @@ def max(x: Tensor, dim=None, keepdim: bool = False) -> Tensor:  # noqa: A001
     yk = x.data.max(axis=dims, keepdims=True)
 
     def backward(g):
-        hit = x.data == yk
-        share = hit / hit.sum(axis=dims, keepdims=True)
+        share = (x.data == yk).astype(x.data.dtype)
+        share /= share.sum(axis=dims, keepdims=True)
         return (_spread(g, x.shape, dims, keepdim) * share,)
     y = yk if keepdim else yk.reshape(tuple(n for i, n in enumerate(x.shape)
                                             if dims is not None and i not in dims))
