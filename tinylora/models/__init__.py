@@ -1,0 +1,1 @@
+"""Models: GPT (decoder LM), BERT encoder, WordPiece tokenizer, and locating bundled weights."""
