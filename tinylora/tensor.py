@@ -17,9 +17,11 @@ import contextlib
 from . import backend
 from .backend import xp
 
-__all__ = ["Tensor", "tensor", "no_grad", "enable_grad", "is_grad_enabled", "make_result"]
+__all__ = ["Tensor", "tensor", "no_grad", "enable_grad", "is_grad_enabled", "make_result",
+           "record_graph"]
 
 _grad_enabled = True
+_record_all = False  # record nodes even where no gradient flows (only for drawing the graph)
 
 
 def is_grad_enabled() -> bool:
@@ -45,6 +47,18 @@ def enable_grad():
         yield
     finally:
         _grad_enabled = prev
+
+
+@contextlib.contextmanager
+def record_graph():
+    """Record every op, also those whose inputs need no gradient (frozen paths), so that
+    ``tinylora.viz`` can draw them. Gradients are unaffected."""
+    global _record_all
+    prev, _record_all = _record_all, True
+    try:
+        yield
+    finally:
+        _record_all = prev
 
 
 class Node:
@@ -329,6 +343,10 @@ def make_result(data, parents: tuple, backward, op: str, saved: tuple = ()) -> T
                 out = Tensor._wrap(data, True)
                 out._node = Node(op, parents, backward, tuple((s, s._version) for s in saved))
                 return out
+        if _record_all:
+            out = Tensor._wrap(data)
+            out._node = Node(op, parents, backward, ())
+            return out
     return Tensor._wrap(data)
 
 

@@ -1,0 +1,61 @@
+"""The autograd picture marks frozen weights, LoRA parameters and the gradient path."""
+import builtins
+import re
+
+import pytest
+
+import tinylora as tl
+from tinylora import functional as F
+from tinylora import nn, viz
+from tinylora.tensor import record_graph
+
+
+def _lora_like():
+    W = nn.Parameter(tl.randn(6, 8).data, requires_grad=False)
+    A, B = nn.Parameter(tl.randn(2, 8).data), nn.Parameter(tl.randn(6, 2).data)
+    x = tl.randn(4, 8)
+    with record_graph():
+        y = F.linear(x, W) + F.linear(F.linear(x, A), B) * 0.5
+        loss = (y * y).mean()
+    return loss, {"base.weight": W, "lora_A.default": A, "lora_B.default": B}
+
+
+def _node_id(dot, label):
+    return re.search(rf'(t\d+) \[[^\]]*label="{re.escape(label)}', dot).group(1)
+
+
+def test_dot_marks_frozen_lora_and_the_gradient_path():
+    loss, params = _lora_like()
+    dot = viz.to_dot(loss, params)
+    w, a, b = (_node_id(dot, n) for n in ("base.weight", "lora_A.default", "lora_B.default"))
+    assert "frozen" in dot and dot.count("trainable LoRA") == 2
+    red_targets = set(re.findall(r'-> (t\d+) \[color="#d62728"', dot))
+    assert a in red_targets and b in red_targets      # gradient reaches A and B
+    assert w not in red_targets                        # never the frozen weight
+    assert re.search(rf"{w} -> t\d+ \[color=\"#555555\"\]", dot)  # but it is in the forward
+
+
+def test_drawing_a_freed_graph_is_a_clear_error():
+    loss, params = _lora_like()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="freed"):
+        viz.to_dot(loss, params)
+
+
+def test_write_graph_writes_dot(tmp_path):
+    loss, params = _lora_like()
+    paths = viz.write_graph(loss, tmp_path / "lora", params)
+    assert paths[0].suffix == ".dot" and paths[0].read_text().startswith("digraph")
+
+
+def test_loss_curves_without_matplotlib_is_a_note_not_a_crash(tmp_path, monkeypatch, capsys):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert viz.plot_loss_curves({"lora": [(0, 2.0), (10, 1.5)]}, tmp_path / "c.png") is None
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()
