@@ -258,3 +258,16 @@ def test_seeded_rng_is_repeatable_and_state_round_trips():
     c = tl.randn(3).numpy().copy()
     tl.manual_seed(5)
     assert np.array_equal(a, tl.randn(3).numpy()) and np.array_equal(b, c)
+
+
+def test_topological_order_with_a_value_reached_at_different_depths():
+    # a feeds the residual sum directly and through a deeper chain: its gradient must be
+    # complete (both paths summed) before it is passed on to x
+    x = tl.tensor([0.3, -0.7], requires_grad=True)
+    a = x * 2.0
+    h = (a * 3.0).tanh() * 0.5
+    y = (a + h).sum()
+    y.backward()
+    av = 2 * np.array([0.3, -0.7])
+    expected = 2.0 * (1 + 0.5 * 3.0 * (1 - np.tanh(3.0 * av) ** 2))
+    np.testing.assert_allclose(x.grad.numpy(), expected, rtol=1e-6)

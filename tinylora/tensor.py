@@ -259,19 +259,23 @@ class Tensor:
 
 def _topo_order(root: Tensor) -> list:
     """Tensors reachable from root (that require grad), parents before children."""
-    order, seen = [], {id(root)}
+    # Depth-first post-order. A tensor is marked when it is expanded, not when pushed: one
+    # reached by two paths (a residual x + f(x)) must come after every tensor it feeds.
+    order, seen = [], set()
     stack = [(root, False)]
     while stack:
         t, expanded = stack.pop()
         if expanded:
             order.append(t)
             continue
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
         stack.append((t, True))
         node = t._node
         if node is not None:
             for p in node.parents:
                 if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
                     stack.append((p, False))
     return order
 
