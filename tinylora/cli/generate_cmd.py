@@ -1,0 +1,41 @@
+"""`tinylora generate`: sample text from a trained GPT checkpoint."""
+from __future__ import annotations
+
+from .common import add_command, add_seed
+
+
+def register(sub, name, summary):
+    p = add_command(sub, name, summary,
+                    "Continue a prompt with a GPT checkpoint (a run folder or one checkpoint "
+                    "folder), decoding with a KV cache. Temperature 0 is greedy.")
+    p.add_argument("--checkpoint", required=True, help="run folder (uses latest.json) or checkpoint folder")
+    p.add_argument("--prompt", default="\n", help="text to continue (characters of the model's vocabulary)")
+    p.add_argument("--max-new-tokens", type=int, default=300, help="characters to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--num-samples", type=int, default=1, help="independent continuations")
+    add_seed(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .. import backend
+    from ..backend import np
+    from ..checkpoint import load_gpt
+
+    if not args.prompt:
+        raise ValueError("--prompt is empty; give at least one character")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    backend.manual_seed(args.seed)
+    model, tok, _ = load_gpt(args.checkpoint)
+    ids = tok.encode(args.prompt)
+    ids = np.tile(ids[None], (args.num_samples, 1))
+    out = model.generate(ids, args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p)
+    for i, row in enumerate(out):
+        if i:
+            print("\n" + "-" * 40)
+        print(tok.decode(row))
+    return 0

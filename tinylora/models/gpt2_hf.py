@@ -1,0 +1,113 @@
+"""Load a Hugging Face GPT-2 folder (config.json + model.safetensors) into tinylora's GPT.
+
+HF's GPT-2 keeps its projections (c_attn, c_proj, c_fc) as Conv1D, whose weight is stored
+(in, out); our Linear stores (out, in), so those four weights per block are transposed.
+``lm_head.weight`` is tied to ``transformer.wte.weight`` (HF omits it from the file);
+the causal-mask buffers ``attn.bias`` / ``attn.masked_bias`` that old files carry are ignored.
+Every key and shape is checked against the header before any tensor data is read.
+"""
+from __future__ import annotations
+
+import os
+
+from ..backend import np
+from ..io import FormatError, load_json, load_safetensors, read_safetensors_header
+
+__all__ = ["load_gpt2_hf", "gpt_config_from_hf"]
+
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")   # one function, three spellings
+
+
+def gpt_config_from_hf(cfg: dict, where: str, dropout: float = 0.0):
+    """GPTConfig from a parsed HF GPT-2 config.json; unsupported variants are FormatErrors."""
+    from .gpt import GPTConfig
+
+    arch = cfg.get("architectures") or []
+    if cfg.get("model_type") != "gpt2" or any(a not in ("GPT2LMHeadModel", "GPT2Model") for a in arch):
+        raise FormatError(f"{where}: model_type {cfg.get('model_type')!r} / architectures {arch} "
+                          "is not a GPT-2 model; GPT.from_hf loads model_type 'gpt2' "
+                          "(GPT2LMHeadModel or GPT2Model) only")
+    missing = [k for k in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd") if k not in cfg]
+    if missing:
+        raise FormatError(f"{where}: missing GPT-2 config key(s) {', '.join(missing)}")
+    C = cfg["n_embd"]
+    checks = [
+        ("activation_function", cfg.get("activation_function", "gelu_new") in _TANH_GELUS,
+         "tinylora's GPT uses GELU with the tanh approximation ('gelu_new')"),
+        ("n_inner", cfg.get("n_inner") in (None, 4 * C), f"the MLP width must be 4 * n_embd = {4 * C}"),
+        ("layer_norm_epsilon", abs(cfg.get("layer_norm_epsilon", 1e-5) - 1e-5) < 1e-12,
+         "LayerNorm eps must be 1e-5"),
+        ("tie_word_embeddings", cfg.get("tie_word_embeddings", True) is True,
+         "lm_head must be tied to wte"),
+        ("add_cross_attention", not cfg.get("add_cross_attention", False), "no cross-attention"),
+        ("scale_attn_weights", cfg.get("scale_attn_weights", True) is True,
+         "attention scores must be scaled by 1/sqrt(head size)"),
+        ("scale_attn_by_inverse_layer_idx", not cfg.get("scale_attn_by_inverse_layer_idx", False),
+         "no per-layer attention scaling"),
+    ]
+    for key, ok, need in checks:
+        if not ok:
+            raise FormatError(f"{where}: {key}={cfg.get(key)!r} is not supported ({need})")
+    try:
+        return GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg["n_positions"],
+                         n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=C, dropout=dropout)
+    except ValueError as e:
+        raise FormatError(f"{where}: {e}") from None
+
+
+def load_gpt2_hf(cls, folder, *, dropout: float = 0.0):
+    """``cls(config)`` (a GPT) with the weights of the HF GPT-2 in ``folder``."""
+    folder = os.fspath(folder)
+    cfg_path = os.path.join(folder, "config.json")
+    weights = os.path.join(folder, "model.safetensors")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"GPT.from_hf: {folder!r} is not a folder; give the folder "
+                                "that holds config.json and model.safetensors")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"GPT.from_hf: {cfg_path} is missing")
+    if not os.path.isfile(weights):
+        other = [n for n in ("pytorch_model.bin", "model.safetensors.index.json")
+                 if os.path.exists(os.path.join(folder, n))]
+        hint = (f" (found {other[0]}: tinylora reads single-file safetensors only, never pickles; "
+                "convert it with transformers' save_pretrained(safe_serialization=True))") if other else ""
+        raise FileNotFoundError(f"GPT.from_hf: {weights} is missing{hint}")
+    config = gpt_config_from_hf(load_json(cfg_path), cfg_path, dropout)
+    model = cls(config)
+
+    header, _ = read_safetensors_header(weights)
+    prefix = "transformer." if "transformer.wte.weight" in header else ""
+    if prefix + "wte.weight" not in header:
+        raise FormatError(f"{weights}: no 'transformer.wte.weight' (or 'wte.weight'): "
+                          "not a GPT-2 weight file")
+    ours = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    to_file = {k: prefix + k[len("transformer."):] for k in ours}
+    missing = [f for f in to_file.values() if f not in header]
+    if missing:
+        raise FormatError(f"{weights}: missing tensor(s) {', '.join(missing[:6])}"
+                          f"{' ...' if len(missing) > 6 else ''} for a {config.n_layer}-layer GPT-2 "
+                          "(does config.json match the weights?)")
+    known = set(to_file.values()) | {"lm_head.weight"}
+    ignored = (".attn.bias", ".attn.masked_bias")
+    unexpected = [k for k in header if k not in known and not k.endswith(ignored)]
+    if unexpected:
+        raise FormatError(f"{weights}: unexpected tensor(s) {', '.join(unexpected[:6])}; "
+                          "this is not a plain GPT-2 checkpoint")
+    for k, f in to_file.items():
+        want = tuple(ours[k].shape)
+        if k.endswith(_CONV1D):
+            want = want[::-1]                      # Conv1D: (in, out)
+        got = tuple(header[f]["shape"])
+        if got != want:
+            raise FormatError(f"{weights}: tensor {f!r} has shape {got}, expected {want} "
+                              "from config.json")
+
+    arrays, _ = load_safetensors(weights, keys=list(to_file.values()))
+    state = {}
+    for k, f in to_file.items():
+        a = arrays.pop(f)
+        if k.endswith(_CONV1D):
+            a = np.ascontiguousarray(a.T)
+        state[k] = a.astype(ours[k].dtype, copy=False)
+    model.load_weights(state, source=weights)
+    return model

@@ -1,0 +1,359 @@
+"""Optimizers (SGD, AdamW), gradient clipping and the warmup + cosine learning-rate schedule.
+
+An optimizer holds ``param_groups``: a list of dicts, each with ``"params"`` (a list of
+Parameters) and that group's hyperparameters, exactly like PyTorch's. ``step()`` updates
+``p.data`` in place for every parameter that requires grad and has a ``.grad``; frozen
+parameters (LoRA's base weights) and parameters without a gradient are skipped and get no
+state. Updates keep the parameter's dtype: every scalar is cast to it first, so float32
+weights are never upcast to float64.
+
+Default weight decay: given a plain list of parameters (or a model through
+``AdamW.from_model``), only parameters with two or more dimensions (matrices, embedding
+tables) decay; biases and LayerNorm gains do not, as in GPT-2 / nanoGPT practice. Pass
+explicit param groups to choose otherwise.
+
+``state_dict()`` is ``{"tensors": {name: array}, "meta": {JSON-able}}``: the moments by
+parameter index (``"state.3.exp_avg"``) and the hyperparameters and step counts as JSON,
+so ``save_optimizer`` stores it as one safetensors file, never a pickle.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+from . import backend
+from .backend import xp
+from .tensor import Tensor, no_grad
+
+__all__ = ["Optimizer", "SGD", "AdamW", "param_groups", "clip_grad_norm_", "grad_norm",
+           "cosine_lr", "WarmupCosineLR", "save_optimizer", "load_optimizer"]
+
+
+def param_groups(params, weight_decay: float) -> list:
+    """Split parameters into a decayed group (ndim >= 2) and an undecayed one (biases, norms).
+
+    params: a Module (its trainable parameters are used) or an iterable of Parameters.
+    Empty groups are left out.
+    """
+    if hasattr(params, "named_parameters"):
+        params = [p for p in params.parameters() if p.requires_grad]
+    params = list(params)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class Optimizer:
+    """Base class: param groups, per-parameter state, zero_grad and (de)serialisation."""
+
+    _state_keys: tuple = ()        # names of the per-parameter arrays in the state
+
+    def __init__(self, params, defaults: dict):
+        self.defaults = dict(defaults)
+        if isinstance(params, Tensor):
+            raise TypeError(f"{type(self).__name__} takes an iterable of parameters or param "
+                            "groups, got a single Tensor; wrap it in a list")
+        if hasattr(params, "named_parameters"):  # a Module
+            params = param_groups(params, defaults.get("weight_decay", 0.0))
+        params = list(params)
+        if not params:
+            raise ValueError(f"{type(self).__name__} got no parameters to optimize "
+                             "(is every parameter frozen?)")
+        if not isinstance(params[0], dict):
+            params = param_groups(params, defaults.get("weight_decay", 0.0))
+        self.param_groups = []
+        seen = set()
+        for g in params:
+            group = {**self.defaults, **g, "params": list(g["params"])}
+            unknown = set(group) - set(self.defaults) - {"params"}
+            if unknown:
+                raise ValueError(f"{type(self).__name__}: unknown option(s) {sorted(unknown)} in a "
+                                 f"param group; known: {sorted(self.defaults)}")
+            for p in group["params"]:
+                if not isinstance(p, Tensor):
+                    raise TypeError(f"{type(self).__name__}: param groups must hold Tensors, "
+                                    f"got {type(p).__name__}")
+                if id(p) in seen:
+                    raise ValueError(f"{type(self).__name__}: a parameter of shape {p.shape} "
+                                     "appears in more than one param group")
+                seen.add(id(p))
+            self.param_groups.append(group)
+        self.state: dict = {}    # id(param) -> {"step": int, name: array}
+
+    @classmethod
+    def from_model(cls, model, **kwargs):
+        """An optimizer over ``model``'s trainable parameters, decaying only ndim >= 2 ones."""
+        wd = kwargs.pop("weight_decay", cls._default_weight_decay)
+        return cls(param_groups(model, wd), weight_decay=wd, **kwargs)
+
+    _default_weight_decay = 0.0
+
+    def _params(self):
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _active(self, group):
+        """(param, grad array) for the params this step updates."""
+        for p in group["params"]:
+            if p.requires_grad and p.grad is not None:
+                g = p.grad.data
+                if g.shape != p.data.shape:
+                    raise ValueError(f"{type(self).__name__}: grad of shape {g.shape} for a "
+                                     f"parameter of shape {p.data.shape}")
+                yield p, g
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self._params():
+            if set_to_none or p.grad is None:
+                p.grad = None
+            else:
+                p.grad.data[...] = 0
+
+    def step(self) -> None:
+        with no_grad():
+            for group in self.param_groups:
+                for p, g in self._active(group):
+                    st = self.state.get(id(p))
+                    if st is None:
+                        st = self.state[id(p)] = self._init_state(p)
+                    st["step"] += 1
+                    self._update(p.data, g, st, group)
+                    p._version += 1  # the weight changed in place: stale graphs must notice
+
+    def _init_state(self, p) -> dict:
+        raise NotImplementedError
+
+    def _update(self, P, g, st, group) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """``{"tensors": {"state.<i>.<name>": array}, "meta": {...JSON...}}``, i = param index
+        counted across groups in order (PyTorch's numbering)."""
+        tensors, per_param, groups, i = {}, {}, [], 0
+        for group in self.param_groups:
+            idx = []
+            for p in group["params"]:
+                st = self.state.get(id(p))
+                if st is not None:
+                    per_param[str(i)] = {"step": st["step"]}
+                    for k in self._state_keys:
+                        if st.get(k) is not None:
+                            tensors[f"state.{i}.{k}"] = st[k]
+                idx.append(i)
+                i += 1
+            hyper = {k: (list(v) if isinstance(v, tuple) else v)
+                     for k, v in group.items() if k != "params"}
+            groups.append({**hyper, "params": idx})
+        meta = {"type": type(self).__name__, "param_groups": groups, "state": per_param}
+        return {"tensors": tensors, "meta": meta}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore moments, steps and hyperparameters; everything is checked before any change."""
+        name = type(self).__name__
+        meta, tensors = state_dict["meta"], state_dict["tensors"]
+        if meta.get("type") != name:
+            raise ValueError(f"optimizer state is for {meta.get('type')}, not {name}")
+        groups = meta["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError(f"{name}.load_state_dict: the saved state has param groups of sizes "
+                             f"{[len(g['params']) for g in groups]}, this optimizer "
+                             f"{[len(g['params']) for g in self.param_groups]}; build the "
+                             "optimizer over the same parameters (same freezing) as when saved")
+        params = self._params()
+        new_state = {}
+        for key, info in meta["state"].items():
+            p = params[int(key)]
+            st = {"step": int(info["step"])}
+            for k in self._state_keys:
+                arr = tensors.get(f"state.{key}.{k}")
+                if arr is None:
+                    continue
+                if tuple(arr.shape) != tuple(p.shape):
+                    raise ValueError(f"{name}.load_state_dict: state.{key}.{k} has shape "
+                                     f"{tuple(arr.shape)} but parameter {key} has {tuple(p.shape)}")
+                st[k] = xp.asarray(arr, dtype=p.dtype).copy()
+            new_state[id(p)] = st
+        self.state = new_state
+        for group, saved in zip(self.param_groups, groups):
+            for k, v in saved.items():
+                if k != "params":
+                    group[k] = tuple(v) if isinstance(v, list) else v
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum and Nesterov, PyTorch's update rule:
+
+    g ← g + wd·p;  b ← μ·b + g (b = g on the first step);  g ← g + μ·b (Nesterov) or b;
+    p ← p − lr·g
+    """
+
+    _state_keys = ("momentum_buffer",)
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                 nesterov: bool = False):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"SGD: lr, momentum and weight_decay must be >= 0, got "
+                             f"lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
+        if nesterov and momentum <= 0:
+            raise ValueError("SGD: nesterov=True needs momentum > 0")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      nesterov=nesterov))
+
+    def _init_state(self, p):
+        return {"step": 0, "momentum_buffer": None}
+
+    def _update(self, P, g, st, group):
+        dt = P.dtype.type
+        mu, wd = group["momentum"], group["weight_decay"]
+        if wd:
+            g = g + dt(wd) * P
+        if mu:
+            buf = st["momentum_buffer"]
+            if buf is None:
+                buf = st["momentum_buffer"] = g.copy()
+            else:
+                buf *= dt(mu)
+                buf += g
+            g = g + dt(mu) * buf if group["nesterov"] else buf
+        P -= dt(group["lr"]) * g
+
+
+class AdamW(Optimizer):
+    """Adam with decoupled weight decay (Loshchilov & Hutter), PyTorch's AdamW:
+
+    p ← p·(1 − lr·wd);  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²
+    p ← p − lr · (m / (1−β₁ᵗ)) / (√(v / (1−β₂ᵗ)) + ε)
+    """
+
+    _state_keys = ("exp_avg", "exp_avg_sq")
+    _default_weight_decay = 0.01
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01):
+        b1, b2 = betas
+        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"AdamW: need lr, eps, weight_decay >= 0 and betas in [0, 1), got "
+                             f"lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=(float(b1), float(b2)), eps=eps,
+                                      weight_decay=weight_decay))
+
+    def _init_state(self, p):
+        return {"step": 0, "exp_avg": xp.zeros_like(p.data), "exp_avg_sq": xp.zeros_like(p.data)}
+
+    def _update(self, P, g, st, group):
+        dt = P.dtype.type
+        lr, (b1, b2), t = group["lr"], group["betas"], st["step"]
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        if group["weight_decay"]:
+            P *= dt(1.0 - lr * group["weight_decay"])
+        m *= dt(b1)
+        m += dt(1.0 - b1) * g
+        v *= dt(b2)
+        tmp = g * g
+        tmp *= dt(1.0 - b2)
+        v += tmp
+        bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+        xp.sqrt(v, out=tmp)                      # √v̂ + ε = √v / √(1−β₂ᵗ) + ε
+        tmp *= dt(1.0 / math.sqrt(bc2))
+        tmp += dt(group["eps"])
+        xp.divide(m, tmp, out=tmp)
+        tmp *= dt(lr / bc1)
+        P -= tmp
+
+
+# ----------------------------------------------------------------------------- clipping
+
+def grad_norm(params):
+    """The global L2 norm of the parameters' gradients, as a 0-d device array (no sync)."""
+    sq = [xp.vdot(g, g) for g in (p.grad.data.reshape(-1) for p in params
+                                  if p.grad is not None)]
+    if not sq:
+        return xp.zeros((), dtype=backend.get_default_dtype())
+    return xp.sqrt(xp.stack(sq).sum())
+
+
+def clip_grad_norm_(params, max_norm: float) -> float:
+    """Scale all gradients together so their global L2 norm is at most ``max_norm``.
+
+    Returns the norm before clipping as a Python float (one host sync). A non-finite norm
+    (NaN/Inf gradient) is returned as is and the gradients are left untouched, so the
+    caller can see it and skip or stop.
+    """
+    params = [p for p in (params.parameters() if hasattr(params, "parameters") else params)
+              if p.grad is not None]
+    total = float(grad_norm(params))
+    if math.isfinite(total) and max_norm > 0 and total > max_norm:
+        coef = max_norm / (total + 1e-6)
+        for p in params:
+            g = p.grad.data
+            g *= g.dtype.type(coef)
+    return total
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def cosine_lr(step: int, warmup: int, max_steps: int, lr: float, min_lr: float) -> float:
+    """Linear warmup to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at
+    ``max_steps``, and ``min_lr`` after (nanoGPT's schedule; step counts from 0)."""
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    if step >= max_steps:
+        return min_lr
+    ratio = (step - warmup) / max(1, max_steps - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+class WarmupCosineLR:
+    """Sets each group's lr from ``cosine_lr`` relative to its base lr; call ``step()`` once
+    per optimizer step. ``state_dict()`` is JSON-able."""
+
+    def __init__(self, optimizer: Optimizer, warmup: int, max_steps: int, min_lr_ratio: float = 0.1):
+        self.optimizer = optimizer
+        self.warmup, self.max_steps, self.min_lr_ratio = warmup, max_steps, min_lr_ratio
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.last_step = 0
+        self._apply()
+
+    def _apply(self):
+        f = cosine_lr(self.last_step, self.warmup, self.max_steps, 1.0, self.min_lr_ratio)
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = base * f
+
+    def step(self) -> None:
+        self.last_step += 1
+        self._apply()
+
+    def get_last_lr(self) -> list:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step, self.base_lrs = int(state["last_step"]), list(state["base_lrs"])
+        self._apply()
+
+
+# ----------------------------------------------------------------------------- files
+
+_META_KEY = "tinylora.optimizer"
+
+
+def save_optimizer(path, optimizer: Optimizer) -> None:
+    """The optimizer's state as one safetensors file (JSON part in the metadata), atomically."""
+    from .io import save_safetensors
+    sd = optimizer.state_dict()
+    save_safetensors(path, sd["tensors"], {_META_KEY: json.dumps(sd["meta"])})
+
+
+def load_optimizer(path, optimizer: Optimizer) -> None:
+    from .io import FormatError, load_safetensors
+    tensors, meta = load_safetensors(path)
+    if _META_KEY not in (meta or {}):
+        raise FormatError(f"{path}: not a tinylora optimizer file (no {_META_KEY!r} metadata)")
+    try:
+        optimizer.load_state_dict({"tensors": tensors, "meta": json.loads(meta[_META_KEY])})
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None

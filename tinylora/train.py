@@ -1,0 +1,386 @@
+"""The training loop: batches, accumulation, clipping, LR schedule, eval, checkpoints, resume.
+
+``Trainer`` trains any Module whose ``forward(x, y)`` returns ``(logits, loss)``, updating
+only parameters that require grad, so a LoRA fine-tune reuses it unchanged: pass the
+prepared model, its optimizer and a ``save_model`` that writes only the adapter.
+
+Reproducible by construction: a fresh run reseeds both RNG streams with ``config.seed`` at
+step 0; batches come from the host stream, dropout from the device stream, and both states
+go into every checkpoint, so on the CPU a resumed run repeats the uninterrupted run's losses
+and weights bit for bit. Validation batches come from their own fixed generator, so every
+evaluation sees the same windows and evaluating does not shift the training batches.
+
+``metrics.jsonl`` (in the run folder) has one JSON object per line:
+  {"event": "train", "step", "train_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
+  {"event": "eval", "step", "train_loss", "val_loss"}       (estimates over eval_iters batches)
+  {"event": "skip", "step", "reason"}                       (a non-finite step skipped)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+from . import backend
+from .backend import np
+from .checkpoint import (CHECKPOINT_FORMAT, load_model_weights, resolve_checkpoint,
+                         save_checkpoint, save_model_weights)
+from .data import TextData, get_batch
+from .io import atomic_write_text, load_json
+from .optim import AdamW, clip_grad_norm_, cosine_lr, load_optimizer, param_groups
+from .tensor import no_grad
+
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "NonFiniteError", "estimate_loss"]
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 2000            # optimizer steps in all (a resumed run continues to this)
+    batch_size: int = 12
+    block_size: int | None = None    # window length; None = the model's config.block_size
+    grad_accum_steps: int = 1        # micro-batches summed into one step
+    lr: float = 1e-3
+    min_lr: float | None = None      # floor of the cosine decay; None = lr / 10
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None  # the cosine ends here; None = max_iters
+    weight_decay: float = 0.1        # on matrices and embeddings only
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0           # max global grad norm; 0 = no clipping
+    eval_interval: int = 250         # 0 = never evaluate
+    eval_iters: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int | None = None  # None = eval_interval; 0 = only at the end
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    skip_nonfinite: bool = False     # skip (and count) steps whose loss or gradient is NaN/Inf
+    progress: bool = True            # tqdm bar on stderr
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum_steps", "eval_iters", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_iters < 0 or self.eval_interval < 0 or self.warmup_iters < 0:
+            raise ValueError("TrainConfig: max_iters, eval_interval and warmup_iters must be >= 0")
+        if self.lr <= 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient became NaN/Inf; ``.step`` and ``.checkpoint`` say where to go back."""
+
+    def __init__(self, msg: str, step: int, checkpoint: str | None):
+        super().__init__(msg)
+        self.step, self.checkpoint = step, checkpoint
+
+
+@dataclass
+class TrainResult:
+    step: int                                    # optimizer steps completed
+    losses: dict = field(default_factory=dict)   # step -> training loss of that step (this run)
+    evals: list = field(default_factory=list)    # {"step", "train_loss", "val_loss"}
+    skipped: int = 0
+    tokens_seen: int = 0
+    checkpoint: str | None = None                # the last checkpoint written
+    elapsed_s: float = 0.0
+
+    @property
+    def val_loss(self):
+        return self.evals[-1]["val_loss"] if self.evals else None
+
+
+def estimate_loss(model, splits: dict, batch_size: int, block_size: int, eval_iters: int,
+                  seed: int = 0) -> dict:
+    """Mean loss over ``eval_iters`` batches of each split, in eval mode without a graph.
+    Batches come from ``np.random.default_rng([seed, i])``: the same windows on every call."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    try:
+        with no_grad():
+            for i, (name, data) in enumerate(splits.items()):
+                rng = np.random.default_rng([seed, i])
+                total = 0.0
+                for _ in range(eval_iters):
+                    x, y = get_batch(data, block_size, batch_size, rng)
+                    total += float(model(x, y)[1].item())
+                out[name] = total / eval_iters
+    finally:
+        model.train(was_training)
+    return out
+
+
+class Trainer:
+    """Trains ``model`` on ``data`` (a TextData, or a (train, val) pair of token arrays).
+
+    out_dir: the run folder for checkpoints and metrics.jsonl (None: keep nothing on disk).
+    optimizer: default AdamW over the trainable parameters (decay on ndim >= 2 only). Each
+    param group's lr follows the warmup + cosine schedule scaled by its initial lr / config.lr.
+    save_model / load_model: ``fn(model, folder)`` writing / reading the weights of a
+    checkpoint (default: model.safetensors with every weight).
+    run_config: extra JSON merged into each checkpoint's config.json (e.g. a LoRA config).
+    """
+
+    def __init__(self, model, data, config: TrainConfig | None = None, out_dir=None, *,
+                 optimizer=None, save_model=None, load_model=None, run_config: dict | None = None):
+        self.model, self.config = model, config or TrainConfig()
+        cfg = self.config
+        self.data = data if isinstance(data, TextData) else None
+        self.train_data, self.val_data = (data.train, data.val) if self.data else data
+        model_cfg = getattr(model, "config", None)
+        self.block_size = cfg.block_size or getattr(model_cfg, "block_size", None)
+        if not self.block_size:
+            raise ValueError("Trainer: set TrainConfig.block_size (the model has no config.block_size)")
+        for name, arr in (("training", self.train_data), ("validation", self.val_data)):
+            if len(arr) < self.block_size + 1:
+                raise ValueError(f"the {name} data has {len(arr)} tokens, fewer than block_size + 1 "
+                                 f"= {self.block_size + 1}; use a smaller block size or more text")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if optimizer is None:
+            optimizer = AdamW(param_groups(self.params, cfg.weight_decay), lr=cfg.lr,
+                              betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        self.optimizer = optimizer
+        # each group follows the schedule in proportion to its own starting lr (a LoRA+ style
+        # group with 4x the lr keeps 4x); groups built from config.lr follow it exactly
+        self._lr_scale = [g["lr"] / cfg.lr for g in optimizer.param_groups]
+        self.out_dir = None if out_dir is None else os.fspath(out_dir)
+        self.save_model = save_model or save_model_weights
+        self.load_model = load_model or load_model_weights
+        self.run_config = run_config or {}
+        self.step, self.tokens_seen, self.skipped = 0, 0, 0
+        self.evals, self.last_loss = [], None
+        self.checkpoint = None          # the last checkpoint written or resumed from
+        self._resumed = False
+
+    # ------------------------------------------------------------------ schedule & files
+    def lr_at(self, step: int) -> float:
+        c = self.config
+        min_lr = c.lr / 10 if c.min_lr is None else c.min_lr
+        return cosine_lr(step, c.warmup_iters, c.lr_decay_iters or c.max_iters, c.lr, min_lr)
+
+    def checkpoint_config(self) -> dict:
+        model_cfg = getattr(self.model, "config", None)
+        return {"format": CHECKPOINT_FORMAT, "version": 1,
+                "model": {"type": type(self.model).__name__,
+                          "config": asdict(model_cfg) if model_cfg is not None else None},
+                "tokenizer": self.data.tokenizer.to_dict() if self.data else None,
+                "train": asdict(self.config),
+                "data": self.data.info() if self.data else None,
+                **self.run_config}
+
+    def save(self) -> str:
+        state = {"step": self.step, "tokens_seen": self.tokens_seen,
+                 "nonfinite_skipped": self.skipped, "rng": backend.get_rng_state(),
+                 "evals": self.evals, "last_train_loss": self.last_loss,
+                 "data": {"sampling": "random windows drawn from the host RNG stream (see rng)",
+                          "batches_drawn": self.step * self.config.grad_accum_steps}}
+        self.checkpoint = save_checkpoint(self.out_dir, self.step, model=self.model,
+                                          optimizer=self.optimizer, config=self.checkpoint_config(),
+                                          trainer_state=state, save_model=self.save_model,
+                                          keep=self.config.keep_checkpoints)
+        return self.checkpoint
+
+    def resume(self, path=None) -> str:
+        """Restore weights, optimizer, step and RNG from a checkpoint (default: the run
+        folder's latest). Returns the checkpoint folder."""
+        folder = resolve_checkpoint(path if path is not None else self.out_dir)
+        saved = load_json(os.path.join(folder, "config.json"))
+        if self.data and saved.get("data") and saved["data"].get("sha256") != self.data.sha256:
+            raise ValueError(f"cannot resume from {folder}: it was trained on "
+                             f"{saved['data'].get('source')!r} with different content (SHA-256 "
+                             "mismatch); resume with the same data")
+        self.load_model(self.model, folder)
+        load_optimizer(os.path.join(folder, "optimizer.safetensors"), self.optimizer)
+        state = load_json(os.path.join(folder, "trainer_state.json"))
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.skipped, self.evals = int(state["nonfinite_skipped"]), list(state["evals"])
+        self.last_loss = state.get("last_train_loss")
+        backend.set_rng_state(state["rng"])
+        self.checkpoint, self._resumed = folder, True
+        if self.out_dir:
+            self._truncate_metrics()
+        return folder
+
+    def _truncate_metrics(self) -> None:
+        """Drop metrics logged after the checkpoint we resume from (they will be redone)."""
+        path = os.path.join(self.out_dir, "metrics.jsonl")
+        if not os.path.isfile(path):
+            return
+        keep = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= self.step:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    pass                              # a line torn by a crash mid-write
+        atomic_write_text(path, "".join(keep))
+
+    def _log(self, record: dict) -> None:
+        if self._metrics is not None:
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
+
+    # ------------------------------------------------------------------ the loop
+    def evaluate(self) -> dict:
+        c = self.config
+        est = estimate_loss(self.model, {"train": self.train_data, "val": self.val_data},
+                            c.batch_size, self.block_size, c.eval_iters, c.seed)
+        rec = {"step": self.step, "train_loss": est["train"], "val_loss": est["val"]}
+        self.evals.append(rec)
+        self._log({"event": "eval", **rec})
+        return rec
+
+    def train(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        if self.step == 0 and not self._resumed:
+            backend.manual_seed(c.seed)
+        self._metrics = None
+        if self.out_dir:
+            os.makedirs(self.out_dir, exist_ok=True)
+            self._metrics = open(os.path.join(self.out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        ckpt_every = c.eval_interval if c.checkpoint_interval is None else c.checkpoint_interval
+        result = TrainResult(step=self.step, skipped=self.skipped)
+        tokens_per_step = c.batch_size * self.block_size * c.grad_accum_steps
+        bar = tqdm(total=c.max_iters, initial=self.step, disable=not c.progress, unit="step",
+                   dynamic_ncols=True, leave=True)
+        t_start = t_log = time.perf_counter()
+        steps_since_log = 0
+        self.model.train()
+        try:
+            if self.step == 0 and c.eval_interval and c.max_iters:
+                self.evaluate()
+            while self.step < c.max_iters:
+                lr = self.lr_at(self.step)
+                for g, scale in zip(self.optimizer.param_groups, self._lr_scale):
+                    g["lr"] = lr * scale
+                loss = self._accumulate()
+                norm = clip_grad_norm_(self.params, c.grad_clip)
+                finite = math.isfinite(loss) and math.isfinite(norm)
+                if finite:
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+                    self.step += 1
+                    self.tokens_seen += tokens_per_step
+                    self.last_loss = result.losses[self.step] = loss
+                else:
+                    self._nonfinite(loss, norm)        # raises, or counts the step as skipped
+                steps_since_log += 1
+                bar.update(1)
+                if finite and (self.step % c.log_interval == 0 or self.step == c.max_iters):
+                    now = time.perf_counter()
+                    tps = steps_since_log * tokens_per_step / max(now - t_log, 1e-9)
+                    t_log, steps_since_log = now, 0
+                    self._log({"event": "train", "step": self.step, "train_loss": loss, "lr": lr,
+                               "grad_norm": norm, "tokens_per_s": tps,
+                               "elapsed_s": now - t_start})
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+                if c.eval_interval and (self.step % c.eval_interval == 0 or self.step == c.max_iters):
+                    rec = self.evaluate()
+                    if c.progress:
+                        bar.write(f"step {self.step}: train loss {rec['train_loss']:.4f}, "
+                                  f"val loss {rec['val_loss']:.4f}")
+                if self.out_dir and ((ckpt_every and self.step % ckpt_every == 0)
+                                     or self.step == c.max_iters):
+                    self.save()
+        finally:
+            bar.close()
+            if self._metrics is not None:
+                self._metrics.close()
+        result.step, result.skipped, result.tokens_seen = self.step, self.skipped, self.tokens_seen
+        result.evals = list(self.evals)
+        result.checkpoint = self.checkpoint
+        result.elapsed_s = time.perf_counter() - t_start
+        return result
+
+    def _accumulate(self) -> float:
+        """Forward and backward over grad_accum_steps micro-batches; the mean loss (one sync)."""
+        c = self.config
+        total = None
+        for _ in range(c.grad_accum_steps):
+            x, y = get_batch(self.train_data, self.block_size, c.batch_size)
+            _, loss = self.model(x, y)
+            (loss * (1.0 / c.grad_accum_steps)).backward()
+            total = loss.data if total is None else total + loss.data
+        return float(total) / c.grad_accum_steps
+
+    def _nonfinite(self, loss: float, norm: float) -> None:
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
+        failed = self.step + 1
+        self.optimizer.zero_grad()
+        if self.config.skip_nonfinite:
+            self.skipped += 1
+            self.step += 1
+            self._log({"event": "skip", "step": self.step, "reason": what})
+            return
+        if self.checkpoint:
+            where = (f"the last good checkpoint is {self.checkpoint} "
+                     f"(resume from it, perhaps with a lower learning rate)")
+        else:
+            where = "no checkpoint was saved yet"
+        raise NonFiniteError(f"non-finite {what} at step {failed}; training stopped and {where}; "
+                             "or set skip_nonfinite to skip such steps", failed, self.checkpoint)
+
+
+# ----------------------------------------------------------------------------- GPT runs
+
+GPT_DEFAULTS = dict(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True)
+
+
+def train_gpt(data: str | None = None, out_dir=None, *, model_args: dict | None = None,
+              train_args: dict | None = None, resume: bool = False):
+    """Train a character-level GPT on ``builtin:NAME`` or a text file; ``(model, tokenizer, result)``.
+
+    model_args: GPTConfig fields other than vocab_size (which the tokenizer sets), over
+    ``GPT_DEFAULTS``. train_args: TrainConfig fields. resume: continue the run in
+    ``out_dir`` from its latest checkpoint, with its model, tokenizer, data and training
+    config; train_args given here override the saved ones (e.g. a larger max_iters).
+    """
+    from .data import CharTokenizer, load_data
+    from .io import config_from_dict
+    from .models.gpt import GPT, GPTConfig
+
+    model_args, train_args = dict(model_args or {}), dict(train_args or {})
+    tokenizer = None
+    if resume:
+        if out_dir is None:
+            raise ValueError("resume needs the run folder (out_dir) to continue from")
+        folder = resolve_checkpoint(out_dir)
+        saved = load_json(os.path.join(folder, "config.json"))
+        src = os.path.join(folder, "config.json")
+        saved_model = config_from_dict(GPTConfig, saved["model"]["config"], source=src)
+        changed = {k: v for k, v in model_args.items() if getattr(saved_model, k) != v}
+        if changed:
+            raise ValueError(f"cannot change the model when resuming ({', '.join(changed)} differ "
+                             f"from {src}); start a new run in another --out folder")
+        model_config = saved_model
+        tokenizer = CharTokenizer.from_dict(saved["tokenizer"])
+        saved_source = (saved.get("data") or {}).get("source")
+        if data is not None and data != saved_source:
+            raise ValueError(f"cannot resume on other data: the run was trained on "
+                             f"{saved_source!r}, not {data!r}")
+        data = saved_source
+        config = config_from_dict(TrainConfig, {**saved["train"], **train_args}, source=src)
+    else:
+        if data is None:
+            raise ValueError("no data: give builtin:NAME or a text file")
+        config = TrainConfig(**train_args)
+        model_config = None
+    block = config.block_size or (model_config.block_size if model_config else
+                                  model_args.get("block_size", GPT_DEFAULTS["block_size"]))
+    text_data = load_data(data, tokenizer=tokenizer, block_size=block)
+    if model_config is None:
+        args = {**GPT_DEFAULTS, **model_args}
+        if args.pop("vocab_size", text_data.tokenizer.vocab_size) != text_data.tokenizer.vocab_size:
+            raise ValueError("vocab_size is set by the tokenizer; leave it out of model_args")
+        model_config = GPTConfig(vocab_size=text_data.tokenizer.vocab_size, **args)
+    backend.manual_seed(config.seed)
+    model = GPT(model_config)
+    trainer = Trainer(model, text_data, config, out_dir)
+    if resume:
+        trainer.resume(folder)
+    return model, text_data.tokenizer, trainer.train()
