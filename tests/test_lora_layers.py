@@ -121,6 +121,7 @@ def test_forward_never_forms_the_product_BA(monkeypatch):
     tl.manual_seed(0)
     base = nn.Linear(7, 11)
     layer = wrap(base, r=2)
+    layer._fused_forward = lambda x: None   # the op-by-op path; the fused op is checked below
     shapes = []
     for name in ("linear", "matmul"):
         real = getattr(ops, name)
@@ -133,6 +134,29 @@ def test_forward_never_forms_the_product_BA(monkeypatch):
     layer(tl.randn(3, 7)).sum().backward()
     assert (11, 7) not in shapes and (7, 11) not in shapes
     assert (3, 2) in shapes  # the thin x Aᵀ
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_lora_linear_equals_the_op_by_op_path(dropout):
+    """F.lora_linear (one node) gives the values and gradients of base + s·(x'Aᵀ)Bᵀ."""
+    grads = []
+    for fused in (True, False):
+        tl.manual_seed(3)
+        with tl.default_dtype(tl.float64):
+            layer = wrap(nn.Linear(7, 5), r=3, lora_dropout=dropout)
+            layer.base_layer.requires_grad_(False)
+            x = tl.randn(2, 4, 7, requires_grad=True)
+        if not fused:
+            layer._fused_forward = lambda x: None
+        tl.manual_seed(9)                        # the same dropout mask both times
+        out = layer(x)
+        assert (out.grad_fn == "lora_linear") == fused
+        (out * out).sum().backward()
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        grads.append([out.numpy(), x.grad.numpy(), A.grad.numpy(), B.grad.numpy()])
+        assert layer.base_layer.weight.grad is None
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_dropout_only_on_the_adapter_path_and_only_in_training():
@@ -186,7 +210,7 @@ def test_embedding_forward_and_peft_init():
     ids = np.array([[1, 9, 1], [0, 3, 4]])
     np.testing.assert_array_equal(layer(ids).numpy(), base(ids).numpy())
     with tl.no_grad():
-        A.data[...] = np.random.default_rng(0).standard_normal((3, 10))
+        A.copy_(np.random.default_rng(0).standard_normal((3, 10)))   # copy_ moves it to the device
     want = base.weight.numpy()[ids] + 1.0 * A.numpy()[:, ids].transpose(1, 2, 0) @ B.numpy().T
     np.testing.assert_allclose(layer(tl.tensor(ids)).numpy(), want, rtol=1e-13, atol=1e-13)
 
@@ -218,7 +242,7 @@ def test_dora_forward_matches_the_formula():
     layer = wrap(base, r=2, alpha=4.0, use_dora=True)
     m = layer.lora_magnitude_vector["default"].weight
     with tl.no_grad():
-        m.data *= np.linspace(0.5, 1.5, m.shape[0])   # a trained magnitude
+        m.data *= tl.backend.asarray(np.linspace(0.5, 1.5, m.shape[0]))   # a trained magnitude
     A, B, W, b = arrays(layer)
     V = W + 2.0 * B @ A
     Wp = m.numpy()[:, None] * V / np.linalg.norm(V, axis=1, keepdims=True)
@@ -268,7 +292,7 @@ def test_dora_with_dropout_uses_the_dropped_input_for_its_base_term():
     tl.manual_seed(5)
     y = layer(x).numpy()
     tl.manual_seed(5)
-    mask = tl.backend.dropout_mask((6, 6), 0.5, np.float64)
+    mask = tl.backend.to_numpy(tl.backend.dropout_mask((6, 6), 0.5, np.float64))
     A, B, W, b = arrays(layer)
     m = layer.lora_magnitude_vector["default"].weight.numpy()
     s = layer.scaling["default"]

@@ -97,6 +97,10 @@ def all_cases() -> list[OpCase]:
           OpCase("cross_entropy", ((4, 5),), lambda z: F.cross_entropy(z, _ids(0, 4, 2, 3), reduction="sum")),
           OpCase("cross_entropy", ((4, 5),), lambda z: F.cross_entropy(z, _ids(0, 4, 2, 3), reduction="none")),
           OpCase("cross_entropy", ((4, 5),), lambda z: F.cross_entropy(z, _ids(0, 4, 2, 3), label_smoothing=0.1))]
+    c += [OpCase("lora_linear", ((2, 3, 5), (4, 5), (4,), (2, 5), (4, 2)),
+                 lambda x, w, b, a, bb: F.lora_linear(x, w, b, a, bb, 0.7)),
+          OpCase("lora_linear", ((6, 5), (4, 5), (2, 5), (4, 2), (6, 5)),
+                 lambda x, w, a, bb, xd: F.lora_linear(x, w, None, a, bb, 2.0, xd))]
     c += [OpCase("layer_norm", ((4, 6), (6,), (6,)), lambda x, w, b: F.layer_norm(x, 6, w, b)),
           OpCase("layer_norm", ((2, 3, 6), (6,), (6,)), lambda x, w, b: F.layer_norm(x, (6,), w, b, 1e-12)),
           OpCase("layer_norm", ((2, 3, 4),), lambda x: F.layer_norm(x, (3, 4)))]
@@ -108,13 +112,24 @@ def all_cases() -> list[OpCase]:
           OpCase("attention", ((2, 1, 3, 4), (2, 1, 5, 4), (2, 1, 5, 4)),
                  lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=_mask((2, 1, 1, 5), 7))),
           OpCase("attention", ((2, 3, 4), (2, 6, 4), (2, 6, 2)),
-                 lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))]
+                 lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+          OpCase("attention", ((2, 1, 3, 4), (1, 2, 5, 4), (2, 2, 5, 4)),
+                 lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=0.3)),
+          OpCase("self_attention", ((2, 5, 12),), lambda x: F.self_attention(x, 2)),
+          OpCase("self_attention", ((3, 4, 6),),
+                 lambda x: F.self_attention(x, 1, attn_mask=_mask((3, 1, 1, 4), 5))),
+          OpCase("self_attention", ((2, 5, 12),), _seeded_attention_dropout)]
     return c
 
 
 def _seeded_dropout(a):
     backend.manual_seed(11)  # the same mask on every call, so finite differences apply
     return F.dropout(a, 0.3, training=True)
+
+
+def _seeded_attention_dropout(x):
+    backend.manual_seed(13)
+    return F.self_attention(x, 2, dropout_p=0.25)
 
 
 def _join(parts):

@@ -220,6 +220,9 @@ class SGD(Optimizer):
         P -= dt(group["lr"]) * g
 
 
+_BLOCK = 1 << 16  # values per block of the fused update (stays in cache)
+
+
 class AdamW(Optimizer):
     """Adam with decoupled weight decay (Loshchilov & Hutter), PyTorch's AdamW:
 
@@ -245,22 +248,35 @@ class AdamW(Optimizer):
     def _update(self, P, g, st, group):
         dt = P.dtype.type
         lr, (b1, b2), t = group["lr"], group["betas"], st["step"]
-        m, v = st["exp_avg"], st["exp_avg_sq"]
-        if group["weight_decay"]:
-            P *= dt(1.0 - lr * group["weight_decay"])
-        m *= dt(b1)
-        m += dt(1.0 - b1) * g
-        v *= dt(b2)
-        tmp = g * g
-        tmp *= dt(1.0 - b2)
-        v += tmp
         bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
-        xp.sqrt(v, out=tmp)                      # √v̂ + ε = √v / √(1−β₂ᵗ) + ε
-        tmp *= dt(1.0 / math.sqrt(bc2))
-        tmp += dt(group["eps"])
-        xp.divide(m, tmp, out=tmp)
-        tmp *= dt(lr / bc1)
-        P -= tmp
+        decay = dt(1.0 - lr * group["weight_decay"]) if group["weight_decay"] else None
+        c1, c2, rs2 = dt(1.0 - b1), dt(1.0 - b2), dt(1.0 / math.sqrt(bc2))
+        eps, step_size = dt(group["eps"]), dt(lr / bc1)
+        if not P.flags.c_contiguous:  # blocks need flat views; parameters are contiguous
+            raise ValueError("AdamW: parameters must be contiguous arrays")
+        Pf, gf = P.reshape(-1), xp.ascontiguousarray(g).reshape(-1)
+        mf, vf = st["exp_avg"].reshape(-1), st["exp_avg_sq"].reshape(-1)
+        tmp = xp.empty(min(Pf.size, _BLOCK), dtype=P.dtype)
+        # block by block, so the ~10 passes below run on data that stays in cache
+        for lo in range(0, Pf.size, _BLOCK):
+            b = slice(lo, lo + _BLOCK)
+            p, gr, m, v = Pf[b], gf[b], mf[b], vf[b]
+            u = tmp[:p.size]
+            if decay is not None:
+                p *= decay                           # p ← p·(1 − lr·wd)
+            m *= dt(b1)                              # m ← β₁m + (1−β₁)g
+            xp.multiply(gr, c1, out=u)
+            m += u
+            v *= dt(b2)                              # v ← β₂v + (1−β₂)g²
+            xp.multiply(gr, gr, out=u)
+            u *= c2
+            v += u
+            xp.sqrt(v, out=u)                        # √v̂ + ε = √v / √(1−β₂ᵗ) + ε
+            u *= rs2
+            u += eps
+            xp.divide(m, u, out=u)                   # p ← p − lr/(1−β₁ᵗ) · m / (√v̂ + ε)
+            u *= step_size
+            p -= u
 
 
 # ----------------------------------------------------------------------------- clipping
@@ -349,11 +365,65 @@ def save_optimizer(path, optimizer: Optimizer) -> None:
 
 
 def load_optimizer(path, optimizer: Optimizer) -> None:
+    """Restore ``optimizer`` from ``save_optimizer``'s file. A file that is not one, or whose
+    state does not fit this optimizer, is a FormatError naming the file; nothing changes."""
     from .io import FormatError, load_safetensors
     tensors, meta = load_safetensors(path)
     if _META_KEY not in (meta or {}):
         raise FormatError(f"{path}: not a tinylora optimizer file (no {_META_KEY!r} metadata)")
     try:
-        optimizer.load_state_dict({"tensors": tensors, "meta": json.loads(meta[_META_KEY])})
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        state = json.loads(meta[_META_KEY])
+        _check_state(state, tensors, optimizer)
+        optimizer.load_state_dict({"tensors": tensors, "meta": state})
+    except ValueError as e:   # json's errors included
+        raise FormatError(f"{path}: {e}") from None
+
+
+def _check_state(meta, tensors, optimizer: Optimizer) -> None:
+    """ValueError unless ``meta`` (and the moments) is a state this optimizer can take, so
+    that load_state_dict never meets a value of the wrong kind half-way through."""
+    def kind(v):
+        if isinstance(v, bool) or v is None or isinstance(v, str):
+            return type(v)
+        if isinstance(v, (int, float)):
+            return float
+        if isinstance(v, (list, tuple)):
+            return ("seq", len(v), tuple(kind(x) for x in v))
+        return type(v)
+
+    if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list) \
+            or not isinstance(meta.get("state"), dict):
+        raise ValueError("the optimizer state must be an object with 'type', 'param_groups' "
+                         "and 'state'")
+    if meta.get("type") != type(optimizer).__name__:
+        raise ValueError(f"optimizer state is for {str(meta.get('type'))[:40]}, not "
+                         f"{type(optimizer).__name__}")
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+               for g in meta["param_groups"]):
+        raise ValueError("each saved param group must be an object with a 'params' list")
+    sizes = [len(g["params"]) for g in meta["param_groups"]]
+    if sizes != [len(g["params"]) for g in optimizer.param_groups]:
+        raise ValueError(f"the saved state has param groups of sizes {sizes}, this optimizer "
+                         f"{[len(g['params']) for g in optimizer.param_groups]}; build the "
+                         "optimizer over the same parameters (same freezing) as when saved")
+    for saved, group in zip(meta["param_groups"], optimizer.param_groups):
+        ours = {k: kind(v) for k, v in group.items() if k != "params"}
+        theirs = {k: kind(v) for k, v in saved.items() if k != "params"}
+        if ours != theirs:
+            raise ValueError(f"a saved param group has settings {sorted(theirs)} of other kinds "
+                             f"than this optimizer's {sorted(ours)}")
+    params = optimizer._params()
+    fresh = None
+    for key, info in meta["state"].items():
+        if not (key.isdigit() and int(key) < len(params)) or not isinstance(info, dict) \
+                or isinstance(info.get("step"), bool) or not isinstance(info.get("step"), int) \
+                or info["step"] < 0:
+            raise ValueError(f"state entry {key!r} must name a parameter index below "
+                             f"{len(params)} and hold an integer 'step' >= 0")
+        if fresh is None:   # which moments a state entry holds (AdamW: exp_avg, exp_avg_sq)
+            fresh = [k for k, v in optimizer._init_state(params[int(key)]).items()
+                     if k in optimizer._state_keys and v is not None]
+        for k in fresh:
+            a = tensors.get(f"state.{key}.{k}")
+            if a is None or a.dtype.kind != "f":
+                raise ValueError(f"state.{key}.{k} is missing or not a float tensor")

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 from ..ops import gelu, linear, relu, sigmoid, tanh
 from ..tensor import Tensor
-from .attention import causal_bias, scaled_dot_product_attention
+from .attention import causal_bias, scaled_dot_product_attention, self_attention
 from .layers import dropout, embedding, layer_norm
+from .lora import lora_linear
 from .softmax import cross_entropy, log_softmax, softmax
 
 __all__ = [
-    "gelu", "linear", "relu", "sigmoid", "tanh", "scaled_dot_product_attention",
+    "gelu", "linear", "relu", "sigmoid", "tanh", "scaled_dot_product_attention", "self_attention",
     "causal_bias", "dropout", "embedding", "layer_norm", "cross_entropy", "log_softmax",
-    "softmax", "mse_loss",
+    "softmax", "mse_loss", "lora_linear",
 ]
 
 

@@ -139,6 +139,9 @@ class LoraLayer(Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x):
+        fused = self._fused_forward(x)
+        if fused is not None:
+            return fused
         result = self.base_layer(x)
         if self.disabled:
             return result
@@ -149,6 +152,10 @@ class LoraLayer(Module):
             if name in self.r and name not in self.merged_adapters:
                 result = result + self._delta(name, x, result)
         return result
+
+    def _fused_forward(self, x):
+        """The common case in one op (see LoRALinear); None where it does not apply."""
+        return None
 
     def _forward_routed(self, x, result: Tensor, names) -> Tensor:
         """Row i of the batch uses adapter names[i] (or the base): one pass per adapter.
@@ -307,6 +314,23 @@ class LoRALinear(LoraLayer):
                 del d[name]
         self.use_dora.pop(name, None)
         self._dora_norms.pop(name, None)
+
+    def _fused_forward(self, x):
+        """One active, unmerged, plain LoRA adapter on a float nn.Linear, no routing: base and
+        adapter as the single op ``F.lora_linear`` (same values, fewer passes and nodes)."""
+        if (self.disabled or len(self.active_adapters) != 1 or self.merged_adapters
+                or type(self.base_layer) is not nn.Linear or current_routing() is not None):
+            return None
+        name = self.active_adapters[0]
+        if name not in self.r or self.use_dora[name]:
+            return None
+        base = self.base_layer
+        if x.ndim == 0 or x.shape[-1] != base.in_features:
+            base(x)  # raises the layer's own ShapeError
+        xd = self.lora_dropout[name](x)
+        return F.lora_linear(x, base.weight, base.bias, self.lora_A[name].weight,
+                             self.lora_B[name].weight, self.scaling[name],
+                             None if xd is x else xd)
 
     def _delta(self, name, x: Tensor, base_out: Tensor) -> Tensor:
         """Adapter ``name``'s addition to the base output for input x (..., in) -> (..., out)."""

@@ -95,23 +95,28 @@ class CausalSelfAttention(Module):
             raise ShapeError(self, f"expected input of shape (B, T, {self.n_embd}), got {tuple(x.shape)}")
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)                 # 3 × (B, T, C)
-        q = q.reshape(B, T, nh, hs).transpose(1, 2)              # (B, nh, T, hs)
-        k = k.reshape(B, T, nh, hs).transpose(1, 2)              # (B, nh, T, hs)
-        v = v.reshape(B, T, nh, hs).transpose(1, 2)              # (B, nh, T, hs)
-        if kv_cache is not None:
-            if is_grad_enabled() and x.requires_grad:
-                raise RuntimeError("the KV cache is for inference: call the model under "
-                                   "tl.no_grad() when passing a cache")
-            ks, vs = kv_cache.append(k.data, v.data)             # (B, nh, S, hs), S = past + T
-            k, v = Tensor._wrap(ks), Tensor._wrap(vs)
-        mask = None if attention_mask is None else padding_mask(attention_mask)
-        if mask is not None and mask.shape[-1] != k.shape[2]:
-            raise ShapeError(self, f"attention_mask covers {mask.shape[-1]} positions but there "
-                                   f"are {k.shape[2]} keys (cached + new); pass a (B, S) mask")
         p = self.dropout if self.training else 0.0
+        qkv = self.c_attn(x)                                     # (B, T, 3C)
+        mask = None if attention_mask is None else padding_mask(attention_mask)
+        if kv_cache is None:
+            if mask is not None and mask.shape[-1] != T:
+                raise ShapeError(self, f"attention_mask covers {mask.shape[-1]} positions but "
+                                       f"the input has {T}; pass a (B, {T}) mask")
+            # one fused op: split into heads, causal attention, merge heads -> (B, T, C)
+            y = F.self_attention(qkv, nh, attn_mask=mask, dropout_p=p, is_causal=True)
+            return self.resid_dropout(self.c_proj(y))
+        if is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("the KV cache is for inference: call the model under "
+                               "tl.no_grad() when passing a cache")
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in               # 3 × (B, nh, T, hs)
+                   qkv.data.reshape(B, T, 3, nh, hs).transpose(2, 0, 1, 3, 4))
+        ks, vs = kv_cache.append(k, v)                           # (B, nh, S, hs), S = past + T
+        if mask is not None and mask.shape[-1] != ks.shape[2]:
+            raise ShapeError(self, f"attention_mask covers {mask.shape[-1]} positions but there "
+                                   f"are {ks.shape[2]} keys (cached + new); pass a (B, S) mask")
         # causal, aligned bottom-right: new query i sees every cached key and new keys <= i
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=True)
+        y = F.scaled_dot_product_attention(Tensor._wrap(q), Tensor._wrap(ks), Tensor._wrap(vs),
+                                           attn_mask=mask, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, C)                   # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 

