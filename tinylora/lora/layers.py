@@ -316,21 +316,26 @@ class LoRALinear(LoraLayer):
         self._dora_norms.pop(name, None)
 
     def _fused_forward(self, x):
-        """One active, unmerged, plain LoRA adapter on a float nn.Linear, no routing: base and
-        adapter as the single op ``F.lora_linear`` (same values, fewer passes and nodes)."""
+        """One active, unmerged, plain LoRA adapter and no routing: base and adapter as a
+        single op (``F.lora_linear`` on a float nn.Linear, the base's own ``lora_forward`` on
+        a 4-bit one): the same values, fewer passes, nodes and kept arrays."""
+        base = self.base_layer
+        fused = getattr(base, "lora_forward", None)
         if (self.disabled or len(self.active_adapters) != 1 or self.merged_adapters
-                or type(self.base_layer) is not nn.Linear or current_routing() is not None):
+                or (type(base) is not nn.Linear and fused is None)
+                or current_routing() is not None):
             return None
         name = self.active_adapters[0]
         if name not in self.r or self.use_dora[name]:
             return None
-        base = self.base_layer
         if x.ndim == 0 or x.shape[-1] != base.in_features:
             base(x)  # raises the layer's own ShapeError
         xd = self.lora_dropout[name](x)
-        return F.lora_linear(x, base.weight, base.bias, self.lora_A[name].weight,
-                             self.lora_B[name].weight, self.scaling[name],
-                             None if xd is x else xd)
+        A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        xd = None if xd is x else xd
+        if fused is not None:
+            return fused(x, A, B, s, xd)
+        return F.lora_linear(x, base.weight, base.bias, A, B, s, xd)
 
     def _delta(self, name, x: Tensor, base_out: Tensor) -> Tensor:
         """Adapter ``name``'s addition to the base output for input x (..., in) -> (..., out)."""

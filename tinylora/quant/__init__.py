@@ -10,6 +10,9 @@ from .int4 import int4_dequantize, int4_quantize, quantization_error
 from .nf4 import (NF4_LEVELS, QUANT_TYPES, code_table, dequantize_4bit, nf4_dequantize,
                   nf4_quantize, pack_4bit, quantize_4bit, unpack_4bit)
 from .state import QuantState
+from .linear4bit import Linear4bit, QuantizationWarning, linear_4bit, lora_linear_4bit
+from .convert import (QuantReport, apply_quantization_config, load_quantized, quantization_config,
+                      quantize_model, save_quantized)
 
 __all__ = [
     "NF4_LEVELS", "FP4_LEVELS", "DYNAMIC_MAP", "QUANT_TYPES", "QuantState", "code_table",
@@ -18,4 +21,7 @@ __all__ = [
     "create_dynamic_map", "quantize_blockwise_8bit", "dequantize_blockwise_8bit",
     "double_quantize", "double_dequantize",
     "int4_quantize", "int4_dequantize", "quantization_error",
+    "Linear4bit", "linear_4bit", "lora_linear_4bit", "QuantizationWarning",
+    "quantize_model", "QuantReport",
+    "quantization_config", "apply_quantization_config", "save_quantized", "load_quantized",
 ]
