@@ -29,7 +29,7 @@ from .backend import np, to_numpy
 
 __all__ = ["FormatError", "ConfigError", "save_safetensors", "load_safetensors",
            "read_safetensors_header", "atomic_write", "atomic_write_bytes", "atomic_write_text",
-           "save_json", "load_json", "config_from_dict"]
+           "make_folder", "save_json", "load_json", "config_from_dict"]
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit against JSON bombs
 _MAX_NDIM = 32                        # NumPy's limit is 64 (32 in NumPy 1.x)
@@ -356,6 +356,18 @@ def atomic_write(path, mode: str = "wb"):
                 os.close(dfd)
 
 
+def make_folder(path, what: str = "output folder") -> str:
+    """``os.makedirs(path, exist_ok=True)``, failing with one line that names the folder and
+    the fix (a path under a regular file, a read-only disk, missing permissions)."""
+    path = os.fspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create the {what} {path!r} ({e.strerror}) — choose a "
+                               "folder you can write to, or fix its permissions") from None
+    return path
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     with atomic_write(path, "wb") as f:
         f.write(data)
@@ -494,5 +506,8 @@ def config_from_dict(cls, d, *, source: str = "<dict>"):
             want = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
             raise ConfigError(f"{source}: {cls.__name__} field {name!r} must be {want}, got "
                               f"{type(value).__name__} {value!r:.60}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:   # the dataclass's own checks (__post_init__)
+        raise ConfigError(f"{source}: {e}") from None
 

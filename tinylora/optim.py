@@ -396,7 +396,8 @@ def _check_state(meta, tensors, optimizer: Optimizer) -> None:
         raise ValueError("the optimizer state must be an object with 'type', 'param_groups' "
                          "and 'state'")
     if meta.get("type") != type(optimizer).__name__:
-        raise ValueError(f"optimizer state is for {str(meta.get('type'))[:40]}, not "
+        kind = str(meta.get("type"))[:40]
+        raise ValueError(f"optimizer state is for {kind if kind.isprintable() else repr(kind)}, not "
                          f"{type(optimizer).__name__}")
     if not all(isinstance(g, dict) and isinstance(g.get("params"), list)
                for g in meta["param_groups"]):

@@ -28,8 +28,8 @@ from .backend import np
 from .checkpoint import (CHECKPOINT_FORMAT, load_model_weights, resolve_checkpoint,
                          save_checkpoint, save_model_weights)
 from .data import TextData, get_batch
-from .io import atomic_write_text, load_json
-from .optim import AdamW, clip_grad_norm_, cosine_lr, load_optimizer, param_groups
+from .io import FormatError, atomic_write_text, load_json, make_folder
+from .optim import AdamW, clip_grad_norm_, cosine_lr, grad_norm, load_optimizer, param_groups
 from .tensor import no_grad
 
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "NonFiniteError", "estimate_loss"]
@@ -102,11 +102,12 @@ def estimate_loss(model, splits: dict, batch_size: int, block_size: int, eval_it
         with no_grad():
             for i, (name, data) in enumerate(splits.items()):
                 rng = np.random.default_rng([seed, i])
-                total = 0.0
+                total = None   # summed on the device in float64: one host read per split
                 for _ in range(eval_iters):
                     x, y = get_batch(data, block_size, batch_size, rng)
-                    total += float(model(x, y)[1].item())
-                out[name] = total / eval_iters
+                    loss = model(x, y)[1].data.astype("float64")
+                    total = loss if total is None else total + loss
+                out[name] = float(total) / eval_iters
     finally:
         model.train(was_training)
     return out
@@ -184,18 +185,28 @@ class Trainer:
 
     def resume(self, path=None) -> str:
         """Restore weights, optimizer, step and RNG from a checkpoint (default: the run
-        folder's latest). Returns the checkpoint folder."""
+        folder's latest). Returns the checkpoint folder. On any error (FormatError for a
+        damaged file) the trainer, its model and its optimizer are left as they were."""
         folder = resolve_checkpoint(path if path is not None else self.out_dir)
-        saved = load_json(os.path.join(folder, "config.json"))
+        cfg_path = os.path.join(folder, "config.json")
+        saved = load_json(cfg_path)
+        if not isinstance(saved, dict) or not isinstance(saved.get("data") or {}, dict):
+            raise FormatError(f"{cfg_path}: not a tinylora checkpoint config (expected a JSON "
+                              "object as tinylora.checkpoint writes)")
         if self.data and saved.get("data") and saved["data"].get("sha256") != self.data.sha256:
             raise ValueError(f"cannot resume from {folder}: it was trained on "
                              f"{saved['data'].get('source')!r} with different content (SHA-256 "
                              "mismatch); resume with the same data")
-        self.load_model(self.model, folder)
-        load_optimizer(os.path.join(folder, "optimizer.safetensors"), self.optimizer)
-        state = load_json(os.path.join(folder, "trainer_state.json"))
-        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        self.skipped, self.evals = int(state["nonfinite_skipped"]), list(state["evals"])
+        state = _read_trainer_state(os.path.join(folder, "trainer_state.json"))
+        undo = _snapshot(self.model, self.optimizer)
+        try:
+            self.load_model(self.model, folder)
+            load_optimizer(os.path.join(folder, "optimizer.safetensors"), self.optimizer)
+        except BaseException:
+            _restore(undo)
+            raise
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.skipped, self.evals = state["nonfinite_skipped"], list(state["evals"])
         self.last_loss = state.get("last_train_loss")
         backend.set_rng_state(state["rng"])
         self.checkpoint, self._resumed = folder, True
@@ -241,8 +252,13 @@ class Trainer:
             backend.manual_seed(c.seed)
         self._metrics = None
         if self.out_dir:
-            os.makedirs(self.out_dir, exist_ok=True)
-            self._metrics = open(os.path.join(self.out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            make_folder(self.out_dir, "run folder")
+            path = os.path.join(self.out_dir, "metrics.jsonl")
+            try:
+                self._metrics = open(path, "a", encoding="utf-8")
+            except OSError as e:
+                raise OSError(e.errno, f"cannot write {path!r} ({e.strerror}) — choose a run "
+                                       "folder you can write to") from None
         ckpt_every = c.eval_interval if c.checkpoint_interval is None else c.checkpoint_interval
         result = TrainResult(step=self.step, skipped=self.skipped)
         tokens_per_step = c.batch_size * self.block_size * c.grad_accum_steps
@@ -250,6 +266,12 @@ class Trainer:
                    dynamic_ncols=True, leave=True)
         t_start = t_log = time.perf_counter()
         steps_since_log = 0
+        # On a GPU, reading the loss every step would stall it: steps run ahead and their
+        # (loss, grad norm) pairs wait on the device until the next log, eval or save, where
+        # one transfer reads them all and checks them for NaN/Inf. Skipping a non-finite step
+        # must decide before the update, so skip_nonfinite reads every step, as on the CPU.
+        deferred = backend.on_device() and not c.skip_nonfinite
+        pending = []                                   # (step, loss sum, grad norm) on the device
         self.model.train()
         try:
             if self.step == 0 and c.eval_interval and c.max_iters:
@@ -258,20 +280,34 @@ class Trainer:
                 lr = self.lr_at(self.step)
                 for g, scale in zip(self.optimizer.param_groups, self._lr_scale):
                     g["lr"] = lr * scale
-                loss = self._accumulate()
-                norm = clip_grad_norm_(self.params, c.grad_clip)
-                finite = math.isfinite(loss) and math.isfinite(norm)
+                loss_sum = self._accumulate()
+                if deferred:
+                    norm = _clip_grad_norm_on_device(self.params, c.grad_clip)
+                    finite = True                      # checked when read, below
+                else:
+                    norm = clip_grad_norm_(self.params, c.grad_clip)   # a float: one sync
+                    loss = float(loss_sum) / c.grad_accum_steps
+                    finite = math.isfinite(loss) and math.isfinite(norm)
                 if finite:
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                     self.step += 1
                     self.tokens_seen += tokens_per_step
-                    self.last_loss = result.losses[self.step] = loss
+                    if deferred:
+                        pending.append((self.step, loss_sum, norm))
+                    else:
+                        self.last_loss = result.losses[self.step] = loss
                 else:
                     self._nonfinite(loss, norm)        # raises, or counts the step as skipped
                 steps_since_log += 1
                 bar.update(1)
-                if finite and (self.step % c.log_interval == 0 or self.step == c.max_iters):
+                end = self.step == c.max_iters
+                log_due = finite and (self.step % c.log_interval == 0 or end)
+                eval_due = c.eval_interval and (self.step % c.eval_interval == 0 or end)
+                save_due = self.out_dir and ((ckpt_every and self.step % ckpt_every == 0) or end)
+                if pending and (log_due or eval_due or save_due):
+                    loss, norm = self._read_pending(pending, result)   # raises on NaN/Inf
+                if log_due:
                     now = time.perf_counter()
                     tps = steps_since_log * tokens_per_step / max(now - t_log, 1e-9)
                     t_log, steps_since_log = now, 0
@@ -279,13 +315,12 @@ class Trainer:
                                "grad_norm": norm, "tokens_per_s": tps,
                                "elapsed_s": now - t_start})
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
-                if c.eval_interval and (self.step % c.eval_interval == 0 or self.step == c.max_iters):
+                if eval_due:
                     rec = self.evaluate()
                     if c.progress:
                         bar.write(f"step {self.step}: train loss {rec['train_loss']:.4f}, "
                                   f"val loss {rec['val_loss']:.4f}")
-                if self.out_dir and ((ckpt_every and self.step % ckpt_every == 0)
-                                     or self.step == c.max_iters):
+                if save_due:
                     self.save()
         finally:
             bar.close()
@@ -297,8 +332,9 @@ class Trainer:
         result.elapsed_s = time.perf_counter() - t_start
         return result
 
-    def _accumulate(self) -> float:
-        """Forward and backward over grad_accum_steps micro-batches; the mean loss (one sync)."""
+    def _accumulate(self):
+        """Forward and backward over grad_accum_steps micro-batches; the micro-batch losses'
+        sum as a 0-d device array (no sync; the mean loss is float(sum) / grad_accum_steps)."""
         c = self.config
         total = None
         for _ in range(c.grad_accum_steps):
@@ -306,11 +342,27 @@ class Trainer:
             _, loss = self.model(x, y)
             (loss * (1.0 / c.grad_accum_steps)).backward()
             total = loss.data if total is None else total + loss.data
-        return float(total) / c.grad_accum_steps
+        return total
 
-    def _nonfinite(self, loss: float, norm: float) -> None:
+    def _read_pending(self, pending: list, result: TrainResult) -> tuple:
+        """Copy the waiting steps' losses and norms to the host in one transfer, record them,
+        and stop at the first non-finite one. Returns the newest (loss, norm)."""
+        xp = backend.xp
+        f64 = xp.float64
+        rows = backend.to_numpy(xp.stack([xp.stack([xp.asarray(t, f64), xp.asarray(n, f64)])
+                                          for _, t, n in pending]))
+        steps = [s for s, _, _ in pending]
+        pending.clear()
+        for step, (t, n) in zip(steps, rows.tolist()):
+            loss, norm = t / self.config.grad_accum_steps, n
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                self._nonfinite(loss, norm, failed=step)   # raises (skipping never defers)
+            self.last_loss = result.losses[step] = loss
+        return loss, norm
+
+    def _nonfinite(self, loss: float, norm: float, failed: int | None = None) -> None:
         what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
-        failed = self.step + 1
+        failed = self.step + 1 if failed is None else failed
         self.optimizer.zero_grad()
         if self.config.skip_nonfinite:
             self.skipped += 1
@@ -324,6 +376,71 @@ class Trainer:
             where = "no checkpoint was saved yet"
         raise NonFiniteError(f"non-finite {what} at step {failed}; training stopped and {where}; "
                              "or set skip_nonfinite to skip such steps", failed, self.checkpoint)
+
+
+def _clip_grad_norm_on_device(params, max_norm: float):
+    """``clip_grad_norm_`` without its host sync: the norm stays a 0-d device array and the
+    scale is applied on the device. Same numbers as the host version: the coefficient is
+    max_norm / (norm + 1e-6) in float64, applied only when the norm is finite and above
+    max_norm (otherwise the gradients are multiplied by exactly 1)."""
+    xp = backend.xp
+    params = [p for p in params if p.grad is not None]
+    norm = grad_norm(params)
+    if max_norm > 0 and params:
+        n64 = norm.astype(xp.float64)
+        coef = xp.where(xp.isfinite(n64) & (n64 > max_norm), max_norm / (n64 + 1e-6), 1.0)
+        for p in params:
+            g = p.grad.data
+            g *= coef.astype(g.dtype)
+    return norm
+
+
+# ----------------------------------------------------------------------------- resume helpers
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _read_trainer_state(path) -> dict:
+    """trainer_state.json, checked field by field (FormatError naming the file and field)."""
+    state = load_json(path)
+    if not isinstance(state, dict):
+        raise FormatError(f"{path}: expected a JSON object, got {type(state).__name__}")
+    for key in ("step", "tokens_seen", "nonfinite_skipped"):
+        if not _is_count(state.get(key)):
+            raise FormatError(f"{path}: {key!r} must be an integer >= 0, got {state.get(key)!r:.40}")
+    if not isinstance(state.get("evals"), list):
+        raise FormatError(f"{path}: 'evals' must be a list, got {state.get('evals')!r:.40}")
+    loss = state.get("last_train_loss")
+    if loss is not None and not (isinstance(loss, (int, float)) and not isinstance(loss, bool)):
+        raise FormatError(f"{path}: 'last_train_loss' must be a number or null, got {loss!r:.40}")
+    rng = state.get("rng")
+    try:   # each stream's state must be one a generator accepts (tried on a scratch one)
+        if not (isinstance(rng, dict) and _is_count(rng.get("seed"))):
+            raise ValueError("it needs 'seed', 'host' and 'device'")
+        for stream in ("host", "device"):
+            if rng.get(stream) is not None or stream == "host":
+                np.random.default_rng().bit_generator.state = rng[stream]
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
+        raise FormatError(f"{path}: 'rng' is not a saved random-generator state ({e})") from None
+    return state
+
+
+def _snapshot(model, optimizer):
+    """What resume may change: every weight's array, the optimizer's state and groups."""
+    tensors = {id(t): t for t in model.state_dict().values()}.values()
+    return ([(t, t.data.copy()) for t in tensors], optimizer, optimizer.state,
+            [dict(g) for g in optimizer.param_groups])
+
+
+def _restore(undo) -> None:
+    arrays, optimizer, opt_state, groups = undo
+    for t, a in arrays:
+        t.data = a
+    optimizer.state = opt_state
+    for g, old in zip(optimizer.param_groups, groups):
+        g.clear()
+        g.update(old)
 
 
 # ----------------------------------------------------------------------------- GPT runs

@@ -154,7 +154,8 @@ def save_adapter(model, save_directory, adapter_name: str = "default") -> None:
 
 def _listing(keys, limit: int = 6) -> str:
     keys = sorted(keys)
-    text = ", ".join(k.removeprefix(PREFIX) for k in keys[:limit])
+    names = (k.removeprefix(PREFIX) for k in keys[:limit])
+    text = ", ".join(n if n.isprintable() else repr(n) for n in names)   # names from the file
     return text + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 

@@ -132,7 +132,8 @@ class LoraConfig:
         for k, v in d.items():
             if k in known or k in _INFORMATIONAL or v in (None, False, {}, []):
                 continue
-            raise ConfigError(f"{source}: sets {k}={v!r:.80}, a PEFT feature tinylora does not "
+            name = k if str(k).isprintable() else repr(k)   # a key from the file, shown on one line
+            raise ConfigError(f"{source}: sets {name}={v!r:.80}, a PEFT feature tinylora does not "
                               "implement; re-save the adapter without it")
         init = d.get("init_lora_weights", True)
         if isinstance(init, str) and init != "gaussian":
