@@ -49,7 +49,7 @@ def test_one_layer_gpt_passes_gradcheck_wrt_every_weight():
         model = GPT(GPTConfig(**TINY))
     params = list(model.parameters())
     for p in params:   # GPT-2's tiny init makes most of the graph nearly linear; wake it up
-        p.data[...] = np.random.default_rng(len(p.shape)).normal(0, 0.5, p.shape)
+        p.data[...] = tl.backend.asarray(np.random.default_rng(len(p.shape)).normal(0, 0.5, p.shape))
     x, y = ids((2, 6), 11, 1), ids((2, 6), 11, 2)
     tl.gradcheck(lambda *ps: model(x)[0], params, element_limit=64, n_directions=4)
     tl.gradcheck(lambda *ps: model(x, y)[1], params, element_limit=64, n_directions=4)

@@ -84,7 +84,7 @@ def test_save_then_load_into_a_fresh_base_reproduces_outputs_exactly(tmp_path, c
     # make trainable biases / copies differ from the base, as training would
     with tl.no_grad():
         for p in lora.trainable_parameters(m):
-            p.data += 0.01 * np.arange(p.data.size).reshape(p.shape) % 0.07
+            p.data += tl.backend.asarray(0.01 * np.arange(p.data.size).reshape(p.shape) % 0.07)
     want = outputs(m)
     lora.save_adapter(m, tmp_path)
     fresh = toy()

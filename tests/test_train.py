@@ -63,6 +63,7 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.cpu_only("bit-exact resume: the GPU dropout stream is not checkpointed and atomic scatter-adds sum in no fixed order")
 def test_resume_continues_bit_for_bit(tmp_path, prose):
     # dropout and gradient accumulation on: both RNG streams and micro-batching must resume
     opts = dict(dropout=0.1, grad_accum_steps=2)

@@ -59,3 +59,52 @@ def test_loss_curves_without_matplotlib_is_a_note_not_a_crash(tmp_path, monkeypa
     assert viz.plot_loss_curves({"lora": [(0, 2.0), (10, 1.5)]}, tmp_path / "c.png") is None
     assert "matplotlib is not installed" in capsys.readouterr().err
     assert not (tmp_path / "c.png").exists()
+
+
+def _red_targets(dot):
+    return set(re.findall(r'-> (t\d+) \[color="#d62728"', dot))
+
+
+def test_lora_layer_picture_marks_the_path_to_a_and_b(tmp_path):
+    paths = viz.draw_lora_layer(tmp_path / "layer")
+    dot = paths[0].read_text()
+    a, b = _node_id(dot, "proj.lora_A.default.weight"), _node_id(dot, "proj.lora_B.default.weight")
+    w = _node_id(dot, "proj.base_layer.weight")
+    assert {a, b} <= _red_targets(dot) and w not in _red_targets(dot)
+    assert "no backward" in dot                  # x·Wᵀ + b runs forward only
+    assert "(4, 8)" in dot and "(2, 8)" in dot and "(6, 2)" in dot
+
+
+def test_lora_layer_picture_draws_the_layers_own_values():
+    """The unfused ops drawn give the same output as the layer's forward."""
+    import numpy as np
+    from tinylora import backend, lora
+
+    backend.manual_seed(0)
+    layer = nn.Linear(8, 6)
+    holder = nn.ModuleList([layer])
+    lora.inject(holder, lora.LoraConfig(r=2, lora_alpha=4, target_modules=["0"],
+                                        init_lora_weights=False))
+    wrapped = holder[0]
+    x = tl.randn(4, 8)
+    base = wrapped.base_layer(x)
+    drawn = base + wrapped._delta("default", x, base)
+    np.testing.assert_allclose(drawn.numpy(), wrapped(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_model_picture_reaches_only_the_adapters(tmp_path):
+    dot = viz.draw_lora_model(tmp_path / "model")[0].read_text()
+    red = _red_targets(dot)
+    leaves = re.findall(r'(t\d+) \[shape=ellipse[^\]]*label="([^"\\]+)', dot)
+    lora_ids = {i for i, name in leaves if "lora_" in name}
+    frozen = {i for i, name in leaves if "lora_" not in name and name.startswith("transformer")}
+    assert len(lora_ids) == 4 and lora_ids <= red and not (frozen & red)
+
+
+def test_svg_is_written_when_graphviz_is_installed(tmp_path):
+    import shutil
+    if shutil.which("dot") is None:
+        pytest.skip("Graphviz's dot is not installed")
+    paths = viz.draw_lora_layer(tmp_path / "layer")
+    assert [p.suffix for p in paths] == [".dot", ".svg"]
+    assert "<svg" in paths[1].read_text()

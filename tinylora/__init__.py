@@ -49,3 +49,5 @@ def rand(*shape, dtype=None, requires_grad: bool = False) -> Tensor:
 
 def arange(*args, dtype=None) -> Tensor:
     return Tensor(backend.xp.arange(*args, dtype=dtype))
+from . import data, models, optim  # noqa: E402,F401
+from . import lora  # noqa: E402,F401

@@ -5,7 +5,10 @@ In the graph, boxes are ops ("op\\nshape"), ellipses are leaf tensors: frozen we
 trainable parameters highlighted (LoRA's A and B orange), inputs white. Solid arrows are the
 forward pass. Red dashed arrows run backwards along every path a gradient takes from the
 loss to a trainable parameter, labelled with the gradient's shape; a frozen weight has no
-red arrow because its gradient is never computed.
+red arrow because its gradient is never computed, and ops whose backward never runs (the
+frozen path) are drawn grey.
+
+``draw_lora_layer`` and ``draw_lora_model`` build the two pictures `tinylora graph` shows.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from pathlib import Path
 
 from .tensor import Tensor
 
-__all__ = ["to_dot", "write_graph", "plot_loss_curves"]
+__all__ = ["to_dot", "write_graph", "plot_loss_curves", "draw_lora_layer", "draw_lora_model"]
 
 
 def _shape(t: Tensor) -> str:
@@ -78,11 +81,17 @@ def to_dot(loss: Tensor, params: dict | None = None, title: str = "autograd grap
             else:
                 style = 'style=filled, fillcolor="white"'
                 kind = "constant" if t.data.size == 1 and not t.name else "input"
-            lines.append(f'  {tid} [shape=ellipse, {style}, label="{_esc(name)}\\n{_shape(t)}\\n{kind}"];')
+            label = f"{_esc(name)}\\n{_shape(t)}" + (f"\\n{kind}" if kind != name else "")
+            lines.append(f'  {tid} [shape=ellipse, {style}, label="{label}"];')
         else:
             bold = ", penwidth=2.5" if t is loss else ""
             label = f"{node.op}\\n{_shape(t)}" + ("\\n(loss)" if t is loss else "")
-            lines.append(f'  {tid} [shape=box, style="rounded,filled", fillcolor="#e8f0fe"{bold}, label="{label}"];')
+            if id(t) in on_path:
+                fill = 'fillcolor="#e8f0fe"'
+            else:   # recorded only for the picture: no gradient flows through it
+                fill = 'fillcolor="#f2f2f2", color="#999999", fontcolor="#777777"'
+                label += "\\nno backward"
+            lines.append(f'  {tid} [shape=box, style="rounded,filled", {fill}{bold}, label="{label}"];')
     for t in tensors:
         node = t._node
         if node is None:
@@ -93,8 +102,10 @@ def to_dot(loss: Tensor, params: dict | None = None, title: str = "autograd grap
                 lines.append(f'  t{id(t)} -> t{id(p)} [color="#d62728", style=dashed, '
                              f'constraint=false, label="d{_shape(p)}", fontcolor="#d62728"];')
     lines.append('  subgraph cluster_legend { label="legend"; fontsize=9; style=dotted;')
-    lines.append('    l1 [shape=plaintext, fontsize=9, label="black: forward    red dashed: gradient path to trainable parameters\\n'
-                 'grey: frozen (no gradient computed)    orange: LoRA A / B"]; }')
+    lines.append('    l1 [shape=plaintext, fontsize=9, label="black: forward    red dashed: gradient '
+                 '(dL/d·, its shape) on every path from the loss to a trainable parameter\\n'
+                 'grey: frozen weights and ops without a backward    orange: LoRA A / B    '
+                 'green: other trainable"]; }')
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -153,3 +164,59 @@ def plot_loss_curves(curves: dict, path, title: str = "validation loss", xlabel:
     from .io import atomic_write_bytes
     atomic_write_bytes(Path(path), buf.getvalue())
     return Path(path)
+
+
+# ----------------------------------------------------------------------------- the pictures
+
+def draw_lora_layer(path_stem, in_features: int = 8, out_features: int = 6, r: int = 2,
+                    batch: int = 4, seed: int = 0) -> list:
+    """The forward and backward of one Linear with a LoRA adapter: y = x Wᵀ + b +
+    (alpha/r)·(x Aᵀ) Bᵀ with W, b frozen, a small input x and the scalar loss mean(y²).
+    Writes ``<stem>.dot`` (and ``.svg`` with Graphviz); returns the paths."""
+    from . import backend, lora, nn
+    from .tensor import Tensor, record_graph
+
+    class OneLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(in_features, out_features)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    backend.manual_seed(seed)
+    model = OneLayer()
+    lora.inject(model, lora.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
+    x = Tensor(backend.randn(batch, in_features))
+    x.name = "x"
+    layer = model.proj
+    with record_graph():
+        # the layer's unfused path (LoraLayer.forward with several adapters, DoRA or a 4-bit
+        # base); one plain adapter runs as the single op F.lora_linear with the same values
+        # and gradients, which would hide the steps drawn here
+        base_out = layer.base_layer(x)
+        y = base_out + layer._delta("default", x, base_out)
+        loss = (y * y).mean()
+    title = (f"one LoRA layer: y = x·Wᵀ + b + (α/r)·(x·Aᵀ)·Bᵀ  (W {out_features}x{in_features} "
+             f"frozen, r = {r}, α/r = 2), loss = mean(y²)")
+    return write_graph(loss, path_stem, dict(model.named_parameters()), title)
+
+
+def draw_lora_model(path_stem, seed: int = 0) -> list:
+    """A whole (tiny) GPT with LoRA on its attention projections, forward and backward:
+    one block, 8 features, 4 positions, and the cross-entropy loss of 2 sequences."""
+    from . import backend, lora
+    from .backend import np
+    from .models.gpt import GPT, GPTConfig
+    from .tensor import record_graph
+
+    backend.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=2, n_embd=8))
+    lora.inject(model, lora.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "attn.c_proj"]))
+    rng = np.random.default_rng(seed)
+    idx, targets = rng.integers(0, 10, (2, 4)), rng.integers(0, 10, (2, 4))
+    with record_graph():
+        _, loss = model(idx, targets)
+    title = ("a 1-block GPT with LoRA (r = 2) on attn.c_attn and attn.c_proj: "
+             "gradients reach only the adapters")
+    return write_graph(loss, path_stem, dict(model.named_parameters()), title)

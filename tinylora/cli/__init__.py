@@ -13,7 +13,16 @@ import sys
 
 # (module, one-line description shown by `tinylora --help`), in the order listed there
 _COMMANDS = [
-    ("gradcheck", "check every op's backward against finite differences (float64)"),
+    ("demo", "the main job: pretrain a GPT, then full vs LoRA vs QLoRA"),
+    ("gradcheck", "check every op's backward against finite differences"),
+    ("graph", "draw the autograd graph of a LoRA layer (DOT, SVG)"),
+    ("train", "train a character-level GPT on a corpus or text file"),
+    ("finetune", "fine-tune a GPT with LoRA, QLoRA or in full"),
+    ("merge", "merge an adapter into its base: a plain checkpoint"),
+    ("adapters", "list adapter folders, or inspect one"),
+    ("generate", "sample text from a GPT, optionally with an adapter"),
+    ("bench", "benchmark figures (ms/step, tokens/s, memory) as JSON"),
+    ("embed", "sentence embeddings with all-MiniLM-L6-v2"),
 ]
 
 
@@ -21,11 +30,24 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 1."""
 
 
+class _TopLevelHelp(argparse.RawDescriptionHelpFormatter):
+    """Counts the commands' names at the indentation they are printed with, so that each
+    command's line starts in one column (argparse measures them one level too shallow)."""
+
+    def add_argument(self, action):
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action._get_subactions():
+                width = len(self._format_action_invocation(sub))
+                width += self._current_indent + 2 * self._indent_increment
+                self._action_max_length = max(self._action_max_length, width)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tinylora",
         description="LoRA and QLoRA fine-tuning from scratch on NumPy/CuPy.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_TopLevelHelp,
         epilog="Run `tinylora COMMAND --help` for a command's options and defaults.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--version", action="version", version=_version())

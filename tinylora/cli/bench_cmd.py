@@ -5,7 +5,7 @@ Targets register in ``_TARGETS`` as name -> (summary, add_arguments, run); later
 """
 from __future__ import annotations
 
-from .common import add_json, print_json, table
+from .common import HelpFormatter, add_json, print_json, table
 
 
 def _train_args(p) -> None:
@@ -34,10 +34,12 @@ _TARGETS = {
 
 
 def register(sub, name, summary):
-    p = sub.add_parser(name, help=summary, description=__doc__.splitlines()[0])
+    p = sub.add_parser(name, help=summary, description=__doc__.splitlines()[0],
+                       formatter_class=HelpFormatter)
     targets = p.add_subparsers(dest="target", metavar="TARGET", title="targets", required=True)
     for tname, (tsummary, add_args, _) in _TARGETS.items():
-        tp = targets.add_parser(tname, help=tsummary, description=tsummary)
+        tp = targets.add_parser(tname, help=tsummary, description=tsummary,
+                                formatter_class=HelpFormatter)
         tp.add_argument("--debug", dest="debug_cmd", action="store_true",
                         help="show full tracebacks on errors")
         add_args(tp)

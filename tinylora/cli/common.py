@@ -6,10 +6,21 @@ import json
 import sys
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, a required
+    option, an on/off flag)."""
+
+    def _get_help_string(self, action):
+        if (action.default is None or action.required or "%(default)" in (action.help or "")
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_command(sub, name: str, summary: str, description: str | None = None) -> argparse.ArgumentParser:
     """A subcommand parser whose --help shows defaults."""
     p = sub.add_parser(name, help=summary, description=description or summary,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--debug", dest="debug_cmd", action="store_true",
                    help="show full tracebacks on errors")
     return p

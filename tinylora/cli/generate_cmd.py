@@ -7,8 +7,12 @@ from .common import add_command, add_seed
 def register(sub, name, summary):
     p = add_command(sub, name, summary,
                     "Continue a prompt with a GPT checkpoint (a run folder or one checkpoint "
-                    "folder), decoding with a KV cache. Temperature 0 is greedy.")
-    p.add_argument("--checkpoint", required=True, help="run folder (uses latest.json) or checkpoint folder")
+                    "folder), decoding with a KV cache. Temperature 0 is greedy. With --adapter, "
+                    "the LoRA adapter is loaded onto the base (--checkpoint, or the base the "
+                    "adapter names); a QLoRA adapter gets its base quantized to 4 bits first.")
+    p.add_argument("--checkpoint", default=None,
+                   help="run folder (uses latest.json) or checkpoint folder; with --adapter, its base")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT layout) to apply")
     p.add_argument("--prompt", default="\n", help="text to continue (characters of the model's vocabulary)")
     p.add_argument("--max-new-tokens", type=int, default=300, help="characters to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (0 = greedy)")
@@ -28,8 +32,14 @@ def run(args) -> int:
         raise ValueError("--prompt is empty; give at least one character")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.adapter:
+        from ..finetune import load_finetuned
+        model, tok, _ = load_finetuned(args.adapter, args.checkpoint)
+    elif args.checkpoint:
+        model, tok, _ = load_gpt(args.checkpoint)
+    else:
+        raise ValueError("give --checkpoint (a checkpoint or run folder), or --adapter")
     backend.manual_seed(args.seed)
-    model, tok, _ = load_gpt(args.checkpoint)
     ids = tok.encode(args.prompt)
     ids = np.tile(ids[None], (args.num_samples, 1))
     out = model.generate(ids, args.max_new_tokens, temperature=args.temperature,

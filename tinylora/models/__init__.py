@@ -1,1 +1,5 @@
 """Models: GPT (decoder LM), BERT encoder, WordPiece tokenizer, and locating bundled weights."""
+from .gpt import GPT, GPTConfig  # noqa: F401
+from .bert import BertConfig, BertModel  # noqa: F401
+from .sentence import SentenceEncoder  # noqa: F401
+from .classify import BertClassifier  # noqa: F401

@@ -21,12 +21,13 @@ model's job.
 """
 from __future__ import annotations
 
-import json
+import io
 import pathlib
 import re
 import unicodedata
 
 from ..backend import np
+from ..io import FormatError, load_json
 
 __all__ = ["WordPieceTokenizer", "basic_tokenize", "wordpiece_split", "SPECIAL_TOKENS"]
 
@@ -174,8 +175,14 @@ def _read_vocab(path: pathlib.Path) -> list[str]:
         raise FileNotFoundError(
             f"WordPiece vocabulary not found: {path} (expected a vocab.txt file with one "
             "token per line, the line number being the token id)")
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\r\n") for line in f]
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise FormatError(f"{path}: not a UTF-8 text vocabulary (byte {raw[e.start]:#04x} on line "
+                          f"{line}); expected vocab.txt with one token per line") from None
+    return [line.rstrip("\r\n") for line in io.StringIO(text, newline=None)]
 
 
 class WordPieceTokenizer:
@@ -220,7 +227,10 @@ class WordPieceTokenizer:
         kwargs = {}
         config_path = directory / "tokenizer_config.json"
         if config_path.is_file():
-            config = json.loads(config_path.read_text(encoding="utf-8"))
+            config = load_json(config_path)
+            if not isinstance(config, dict):
+                raise FormatError(f"{config_path}: expected a JSON object, got "
+                                  f"{type(config).__name__}")
             for key in ("do_lower_case", "strip_accents", "tokenize_chinese_chars"):
                 if config.get(key) is not None:
                     kwargs[key] = config[key]

@@ -7,3 +7,5 @@ from .module import IncompatibleKeys, Module, Parameter, ShapeError, StateDictEr
 __all__ = ["Module", "Parameter", "ShapeError", "StateDictError", "IncompatibleKeys", "Linear", "Embedding",
            "LayerNorm", "Dropout", "GELU", "ReLU", "Identity", "ModuleList", "ModuleDict",
            "Sequential", "adapter_routing", "current_routing", "BASE"]
+from .attention import CausalSelfAttention, KVCache  # noqa: E402
+from .transformer import MLP, Block  # noqa: E402

@@ -1,0 +1,96 @@
+"""The command line's shared conventions: every command's --help works and shows its
+defaults, --seed/--out/--json mean the same everywhere, and an error is one line with exit
+code 1 (a traceback only with --debug)."""
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from tinylora.cli import _COMMANDS, build_parser, main
+
+
+def _subparsers(parser, path=()):
+    """(command path, parser) of every command and nested action, depth first."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield path + (name,), sub
+                yield from _subparsers(sub, path + (name,))
+
+
+ALL = list(_subparsers(build_parser()))
+
+
+def test_top_level_help_lists_every_command_with_its_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = "".join(capsys.readouterr().out.split())    # argparse wraps (also at hyphens)
+    for name, summary in _COMMANDS:
+        assert name + "".join(summary.split()) in out, name
+
+
+def test_the_main_job_and_the_new_commands_are_registered():
+    names = [n for n, _ in _COMMANDS]
+    for cmd in ("demo", "graph", "finetune", "merge", "adapters", "generate", "train"):
+        assert cmd in names
+
+
+@pytest.mark.parametrize("path,parser", ALL, ids=[" ".join(p) for p, _ in ALL])
+def test_every_command_help_works_and_shows_defaults(path, parser, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(list(path) + ["--help"])
+    assert e.value.code == 0
+    out = "".join(capsys.readouterr().out.split())      # argparse wraps (also at hyphens)
+    for action in parser._actions:
+        if not action.option_strings or action.help in (None, argparse.SUPPRESS):
+            continue
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        assert action.option_strings[-1] in out
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if action.default not in (None, argparse.SUPPRESS) and not flag and not action.required:
+            assert "".join(f"(default: {action.default})".split()) in out, (path, action.option_strings)
+
+
+def test_shared_options_mean_the_same_everywhere():
+    helps = {"--json": set(), "--seed": set()}
+    for path, parser in ALL:
+        for action in parser._actions:
+            for flag in helps:
+                if flag in action.option_strings:
+                    helps[flag].add(action.help.split(";")[0].split(" (")[0])
+                    if flag == "--seed":
+                        assert action.type is int, path
+    assert helps["--json"] == {"print the results as JSON on stdout"}
+    assert all(h.startswith("random seed") for h in helps["--seed"]), helps["--seed"]
+
+
+def test_an_error_is_one_line_and_exit_code_1(tmp_path, capsys):
+    code = main(["generate", "--checkpoint", str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith("tinylora generate: error: ")
+    assert "does not exist" in err and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    cmd = [sys.executable, "-c", "import sys; from tinylora.cli import main; sys.exit(main())"]
+    plain = subprocess.run(cmd + ["generate", "--checkpoint", str(tmp_path / "x")],
+                           capture_output=True, text=True)
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    assert len(plain.stderr.strip().splitlines()) == 1
+    for argv in (["--debug", "generate"], ["generate", "--debug"]):
+        debug = subprocess.run(cmd + argv + ["--checkpoint", str(tmp_path / "x")],
+                               capture_output=True, text=True)
+        assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_docs_cli_md_reference_is_up_to_date():
+    from pathlib import Path
+
+    from tinylora.cli.reference import MARKER, markdown
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text(encoding="utf-8")
+    assert doc.split(MARKER, 1)[1].strip() == markdown().strip(), \
+        "docs/cli.md is out of date: python -m tinylora.cli.reference --write docs/cli.md"

@@ -1,0 +1,98 @@
+"""`tinylora finetune`: fine-tune a GPT checkpoint with LoRA, QLoRA or in full."""
+from __future__ import annotations
+
+import os
+
+from .common import add_command, add_json, add_out, print_json
+
+_DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3}
+
+
+def register(sub, name, summary):
+    p = add_command(sub, name, summary,
+                    "Fine-tune a GPT on text. LoRA (the default) trains low-rank adapters on a "
+                    "frozen base and saves them in PEFT's layout (adapter_model.safetensors + "
+                    "adapter_config.json); --qlora first stores the frozen Linear weights in 4-bit "
+                    "NF4; --full trains every weight and saves a whole checkpoint. Use the result "
+                    "with `tinylora generate --adapter OUT` (or --checkpoint OUT for --full), "
+                    "or `tinylora merge`.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--base", help="base model: a tinylora checkpoint folder or run folder")
+    src.add_argument("--pretrained",
+                     help="base model: a Hugging Face GPT-2 folder (config.json, model.safetensors, "
+                          "vocab.json, merges.txt)")
+    p.add_argument("--data", required=True,
+                   help="builtin:python, builtin:prose or a UTF-8 text file (a character-level "
+                        "base needs text in its vocabulary)")
+    add_out(p, "runs/finetune", "where the adapter (or, with --full, the checkpoint) is written")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--qlora", action="store_true", help="QLoRA: 4-bit NF4 base + LoRA adapters")
+    how.add_argument("--full", action="store_true", help="train every weight (no adapters)")
+    p.add_argument("--lora-r", type=int, default=8, help="adapter rank r")
+    p.add_argument("--lora-alpha", type=float, default=16, help="scale numerator: ΔW = (alpha/r)·B·A")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input")
+    p.add_argument("--target-modules", default="all-linear",
+                   help="comma-separated layer names (e.g. c_attn,c_proj) or all-linear")
+    p.add_argument("--max-iters", type=int, default=300, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 1e-3 with --full, else 3e-3)")
+    p.add_argument("--batch-size", type=int, default=12, help="sequences per step")
+    p.add_argument("--eval-interval", type=int, default=50, help="steps between evaluations")
+    p.add_argument("--eval-iters", type=int, default=10, help="batches per evaluation")
+    p.add_argument("--seed", type=int, default=0, help="random seed (adapter init, data order, dropout)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_json(p)
+    p.set_defaults(func=run)
+
+
+def _target_modules(text: str):
+    if text == "all-linear":
+        return text
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ValueError("--target-modules is empty; give layer names such as c_attn,c_proj or all-linear")
+    return names
+
+
+def run(args) -> int:
+    from .. import backend, lora
+    from ..data import load_data
+    from ..finetune import finetune, load_base, load_pretrained, prepare, save_finetuned
+    from ..train import TrainConfig
+
+    method = "full" if args.full else "qlora" if args.qlora else "lora"
+    if args.pretrained:
+        model, tok, base = load_pretrained(args.pretrained)
+    else:
+        model, tok, base = load_base(args.base)
+    data = load_data(args.data, tokenizer=tok, block_size=model.config.block_size)
+    backend.manual_seed(args.seed)          # the adapters' initial values
+    cfg = None if method == "full" else lora.LoraConfig(
+        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        target_modules=_target_modules(args.target_modules))
+    info = prepare(model, method, cfg)
+    train = TrainConfig(max_iters=args.max_iters, batch_size=args.batch_size,
+                        lr=args.lr or _DEFAULT_LR[method], warmup_iters=max(1, args.max_iters // 10),
+                        weight_decay=0.0, eval_interval=args.eval_interval,
+                        eval_iters=args.eval_iters, seed=args.seed,
+                        progress=not (args.no_progress or args.json))
+    res = finetune(model, data, train)
+    weights = save_finetuned(model, tok, method, args.out, base=args.base or args.pretrained,
+                             extra={"data": args.data, "steps": res["steps"],
+                                    "val_loss": res["val_after"], "lr": train.lr, "seed": args.seed})
+    summary = {"method": method, "base": base, "data": args.data, "trainable": info["trainable"],
+               "total": info["total"], "trainable_pct": round(info["trainable_pct"], 4),
+               "val_before": res["val_before"], "val_after": res["val_after"],
+               "steps": res["steps"], "ms_per_step": res["ms_per_step"],
+               "saved": os.path.abspath(args.out), "saved_bytes": os.path.getsize(weights)}
+    if args.json:
+        print_json(summary)
+        return 0
+    print(f"{method}: {info['trainable']:,} trainable of {info['total']:,} parameters "
+          f"({info['trainable_pct']:.2f}%), {res['steps']} steps, {res['ms_per_step']:.0f} ms/step")
+    if res["val_before"] is not None:
+        print(f"validation loss on {args.data}: {res['val_before']:.4f} -> {res['val_after']:.4f}")
+    print(f"saved {weights} ({summary['saved_bytes'] / 2**20:.2f} MiB)")
+    use = "--checkpoint" if method == "full" else "--adapter"
+    print(f"try: tinylora generate {use} {args.out} --prompt 'def '")
+    return 0
