@@ -256,10 +256,12 @@ class AdamW(Optimizer):
             raise ValueError("AdamW: parameters must be contiguous arrays")
         Pf, gf = P.reshape(-1), xp.ascontiguousarray(g).reshape(-1)
         mf, vf = st["exp_avg"].reshape(-1), st["exp_avg_sq"].reshape(-1)
-        tmp = xp.empty(min(Pf.size, _BLOCK), dtype=P.dtype)
-        # block by block, so the ~10 passes below run on data that stays in cache
-        for lo in range(0, Pf.size, _BLOCK):
-            b = slice(lo, lo + _BLOCK)
+        # block by block, so the ~10 passes below run on data that stays in cache (on a GPU
+        # one block: there each pass is a kernel launch)
+        block = Pf.size if backend.on_device() else _BLOCK
+        tmp = xp.empty(min(Pf.size, block), dtype=P.dtype)
+        for lo in range(0, Pf.size, max(block, 1)):
+            b = slice(lo, lo + block)
             p, gr, m, v = Pf[b], gf[b], mf[b], vf[b]
             u = tmp[:p.size]
             if decay is not None:
@@ -290,16 +292,27 @@ def grad_norm(params):
     return xp.sqrt(xp.stack(sq).sum())
 
 
-def clip_grad_norm_(params, max_norm: float) -> float:
+def clip_grad_norm_(params, max_norm: float, *, sync: bool = True):
     """Scale all gradients together so their global L2 norm is at most ``max_norm``.
 
-    Returns the norm before clipping as a Python float (one host sync). A non-finite norm
-    (NaN/Inf gradient) is returned as is and the gradients are left untouched, so the
-    caller can see it and skip or stop.
+    Returns the norm before clipping: a Python float (one host sync), or with ``sync=False``
+    a 0-d device array, the scaling then also done on the device (no sync: the training loop
+    reads the norm only when it logs). A non-finite norm (NaN/Inf gradient) leaves the
+    gradients untouched, so the caller can see it and skip or stop. Both give the same
+    numbers: the coefficient is max_norm / (norm + 1e-6), applied only above max_norm.
     """
     params = [p for p in (params.parameters() if hasattr(params, "parameters") else params)
               if p.grad is not None]
-    total = float(grad_norm(params))
+    norm = grad_norm(params)
+    if not sync:
+        if max_norm > 0 and params:
+            n64 = norm.astype(xp.float64)
+            coef = xp.where(xp.isfinite(n64) & (n64 > max_norm), max_norm / (n64 + 1e-6), 1.0)
+            for p in params:
+                g = p.grad.data
+                g *= coef.astype(g.dtype)
+        return norm
+    total = float(norm)
     if math.isfinite(total) and max_norm > 0 and total > max_norm:
         coef = max_norm / (total + 1e-6)
         for p in params:

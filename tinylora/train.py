@@ -282,7 +282,7 @@ class Trainer:
                     g["lr"] = lr * scale
                 loss_sum = self._accumulate()
                 if deferred:
-                    norm = _clip_grad_norm_on_device(self.params, c.grad_clip)
+                    norm = clip_grad_norm_(self.params, c.grad_clip, sync=False)
                     finite = True                      # checked when read, below
                 else:
                     norm = clip_grad_norm_(self.params, c.grad_clip)   # a float: one sync
@@ -376,23 +376,6 @@ class Trainer:
             where = "no checkpoint was saved yet"
         raise NonFiniteError(f"non-finite {what} at step {failed}; training stopped and {where}; "
                              "or set skip_nonfinite to skip such steps", failed, self.checkpoint)
-
-
-def _clip_grad_norm_on_device(params, max_norm: float):
-    """``clip_grad_norm_`` without its host sync: the norm stays a 0-d device array and the
-    scale is applied on the device. Same numbers as the host version: the coefficient is
-    max_norm / (norm + 1e-6) in float64, applied only when the norm is finite and above
-    max_norm (otherwise the gradients are multiplied by exactly 1)."""
-    xp = backend.xp
-    params = [p for p in params if p.grad is not None]
-    norm = grad_norm(params)
-    if max_norm > 0 and params:
-        n64 = norm.astype(xp.float64)
-        coef = xp.where(xp.isfinite(n64) & (n64 > max_norm), max_norm / (n64 + 1e-6), 1.0)
-        for p in params:
-            g = p.grad.data
-            g *= coef.astype(g.dtype)
-    return norm
 
 
 # ----------------------------------------------------------------------------- resume helpers

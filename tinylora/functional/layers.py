@@ -10,7 +10,7 @@ _ROW_BLOCK = 1 << 16  # values per block: the passes over one block of rows stay
 
 
 def _row_blocks(rows: int, n: int):
-    step = max(1, _ROW_BLOCK // max(n, 1))
+    step = max(rows, 1) if backend.on_device() else max(1, _ROW_BLOCK // max(n, 1))
     for lo in range(0, rows, step):
         yield slice(lo, min(rows, lo + step))
 
@@ -92,7 +92,7 @@ def embedding(idx, weight: Tensor) -> Tensor:
     if ids.dtype.kind not in "iu":
         raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
     V = weight.shape[0]
-    if ids.size and not backend.is_cuda():  # host-side check; on the GPU it would sync
+    if ids.size and not backend.on_device():  # host-side check; on the GPU it would sync
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= V:
             bad = lo if lo < 0 else hi

@@ -63,7 +63,7 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100,
     t = T.reshape(-1)
     valid = t != ignore_index
     tv = xp.where(valid, t, 0)
-    if T.size and not backend.is_cuda() and (int(tv.min()) < 0 or int(tv.max()) >= C):
+    if T.size and not backend.on_device() and (int(tv.min()) < 0 or int(tv.max()) >= C):
         # checked on the host only: on the GPU this would cost a sync every step
         raise IndexError(f"cross_entropy: target ids must lie in [0, {C}) or equal "
                          f"ignore_index={ignore_index}; got min {int(tv.min())}, max {int(tv.max())}")

@@ -223,9 +223,14 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
 _BLOCK = 1 << 16
 
 
+def _block_size(n: int) -> int:
+    return max(n, 1) if backend.on_device() else _BLOCK   # a GPU wants one launch per pass
+
+
 def _blocks(n: int):
-    for lo in range(0, n, _BLOCK):
-        yield slice(lo, min(n, lo + _BLOCK))
+    step = _block_size(n)
+    for lo in range(0, n, step):
+        yield slice(lo, min(n, lo + step))
 
 
 # y = x Φ(x), Φ(x) = (1 + erf(x/√2)) / 2  ->  dx = dy * (Φ(x) + x φ(x)), φ(x) = e^(-x²/2)/√(2π)
@@ -281,7 +286,7 @@ def _gelu_tanh(x: Tensor) -> Tensor:
     def backward(g):
         gf = xp.ascontiguousarray(g).reshape(-1)
         dx = xp.empty_like(Xf)
-        tmp = xp.empty(min(Xf.size, _BLOCK), dtype=Xf.dtype)
+        tmp = xp.empty(min(Xf.size, _block_size(Xf.size)), dtype=Xf.dtype)
         for b in _blocks(Xf.size):
             xs, ts, d = Xf[b], t[b], dx[b]
             s = tmp[:d.size]

@@ -83,8 +83,8 @@ def _advanced(idx):
     items = idx if isinstance(idx, tuple) else (idx,)
     out = []
     for i in items:
-        if isinstance(i, list):
-            i = xp.asarray(i)
+        if isinstance(i, list) or isinstance(i, backend.np.ndarray):
+            i = xp.asarray(i)   # host index arrays go to the device (a no-op on the CPU)
         if backend.is_array(i) and i.dtype == bool:
             out.extend(xp.nonzero(i))
         else:
