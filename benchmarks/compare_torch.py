@@ -1,18 +1,24 @@
-"""tinylora vs PyTorch eager on the CPU: the same GPT, the same step, one process, alternating.
+"""tinylora vs PyTorch eager on the CPU: the same GPT, the same training step, alternating.
 
-    python benchmarks/compare_torch.py [--threads 2] [--repeats 10] [--json-out FILE]
+    python benchmarks/compare_torch.py [--threads 2] [--rounds 6] [--json-out FILE]
 
-Needs torch (``pip install torch==2.13.0``) next to tinylora; tinylora itself never imports
-it. For each configuration and mode (full training, LoRA r=8 on the attention and MLP
-linears) it builds both models with identical shapes in float32, warms both up, then times
-steps alternately (tinylora, torch, tinylora, ...) so that machine noise hits both sides
-alike, and prints JSON: median ms/step, tokens/s, the ratio, achieved GFLOP/s against this
-machine's measured float32 GEMM peak, and the BLAS libraries with their thread counts.
+Needs torch (``pip install torch==2.13.0``) next to tinylora; the tinylora package itself
+never imports it. For each configuration and mode (full training; LoRA r=8 on the attention
+and MLP linears) both sides build the same model in float32 and run the same step (forward,
+backward, AdamW). One run of this script drives both, alternating rounds of steps between
+them (tinylora, torch, tinylora, ...) so machine noise hits both alike, and reports medians.
+
+Each side lives in its own worker process: NumPy's OpenBLAS threads and PyTorch's OpenMP
+threads both spin-wait between calls, and in one process each side's idle spinning threads
+steal the cores from the other (measured here: PyTorch's small-config step went from 38 ms
+to 134 ms beside NumPy). Separate processes with a pause between rounds keep the comparison
+about the libraries. Each worker's peak RSS is its own.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -20,18 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import numpy as np  # noqa: E402  (a benchmark script, not the package)
-import torch  # noqa: E402
-from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
-
-import tinylora as tl  # noqa: E402
-from tinylora import lora  # noqa: E402
-from tinylora.models.gpt import GPT, GPTConfig  # noqa: E402
-from tinylora.optim import AdamW  # noqa: E402
-from torch_gpt import TorchGPT, add_lora, make_step  # noqa: E402
-
+HERE = Path(__file__).resolve().parent
 CONFIGS = {
     "nanogpt-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
     "gpt-6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8),
@@ -41,28 +36,122 @@ LORA_TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 
 
 def step_flops(cfg: dict, mode: str, r: int = 8) -> float:
-    """FLOPs of the GEMMs one step actually runs (2 per multiply-add).
+    """FLOPs of the GEMMs one step runs (2 per multiply-add).
 
     Per layer and token the four linears hold 12·C² weights; attention adds 2·T·C for the
-    scores and 2·T·C for the weighted sum (the full T×T is computed). Backward of a trained
-    weight costs 2× its forward (dx and dW); of a frozen one 1× (dx only).
+    scores and 2·T·C for the weighted sum (the full T×T is computed). A trained weight's
+    backward costs 2× its forward (dx and dW), a frozen one's 1× (dx only).
     """
     L, C, T, B = cfg["n_layer"], cfg["n_embd"], cfg["block_size"], cfg["batch_size"]
     tokens = B * T
     linear = 2 * tokens * 12 * C * C * L
     attn = 2 * tokens * 2 * T * C * L
     head = 2 * tokens * C * VOCAB
-    fwd = linear + attn + head
     if mode == "full":
-        return 3 * fwd
-    lora_fwd = 2 * tokens * L * r * (C + 3 * C + C + C + C + 4 * C + 4 * C + C)  # x·Aᵀ, ·Bᵀ per linear
-    # frozen linears: forward + dx; attention/head: forward + dx (+ dW for the tied head);
-    # LoRA: forward + dx + dA + dB
-    return 2 * linear + 3 * attn + 3 * head + 3 * lora_fwd
+        return 3 * (linear + attn + head)
+    lora = 2 * tokens * L * r * (2 * C + 4 * C + 2 * C + 5 * C)   # x·Aᵀ then ·Bᵀ, four linears
+    return 2 * linear + 3 * attn + 3 * head + 3 * lora
+
+
+def _build_tinylora(cfg, mode):
+    import tinylora as tl
+    from tinylora import lora
+    from tinylora.backend import np
+    from tinylora.models.gpt import GPT, GPTConfig
+    from tinylora.optim import AdamW
+
+    tl.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
+                          n_head=cfg["n_head"], n_embd=cfg["n_embd"]))
+    if mode == "lora":
+        lora.inject(model, lora.LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS))
+    opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+    rng = np.random.default_rng(0)
+    x, y = (rng.integers(0, VOCAB, (cfg["batch_size"], cfg["block_size"])) for _ in range(2))
+
+    def step():
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
+def _build_torch(cfg, mode):
+    sys.path.insert(0, str(HERE))
+    import torch
+    from torch_gpt import TorchGPT, add_lora, make_step
+
+    torch.manual_seed(0)
+    model = TorchGPT(VOCAB, cfg["block_size"], cfg["n_layer"], cfg["n_head"], cfg["n_embd"])
+    if mode == "lora":
+        add_lora(model, r=8, alpha=16)
+    inner = make_step(model, lr=1e-4)
+    x, y = (torch.randint(0, VOCAB, (cfg["batch_size"], cfg["block_size"])) for _ in range(2))
+    return lambda: inner(x, y)
+
+
+def _worker(conn, side: str, name: str, mode: str, threads: int) -> None:
+    """Build one side's step, then time ``n`` steps whenever the parent asks."""
+    import resource
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+        if side == "torch":
+            import torch
+            torch.set_num_threads(threads)
+            step = _build_torch(CONFIGS[name], mode)
+            limits = None
+        else:
+            step = _build_tinylora(CONFIGS[name], mode)
+            limits = threadpool_limits(threads, user_api="blas")
+        info = [{k: d.get(k) for k in ("user_api", "internal_api", "version", "num_threads")}
+                for d in threadpool_info()]
+        conn.send(("ready", info))
+        while True:
+            n = conn.recv()
+            if n is None:
+                break
+            times = []
+            for _ in range(n):
+                t = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t)
+            conn.send(times)
+        if limits is not None:
+            limits.restore_original_limits()
+        conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    except Exception as exc:  # report, don't hang the parent
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class Side:
+    def __init__(self, ctx, side, name, mode, threads):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, side, name, mode, threads), daemon=True)
+        self.proc.start()
+        msg = self.conn.recv()
+        if msg[0] == "error":
+            raise RuntimeError(f"{side} worker failed: {msg[1]}")
+        self.blas = msg[1]
+
+    def run(self, n):
+        self.conn.send(n)
+        out = self.conn.recv()
+        if isinstance(out, tuple):
+            raise RuntimeError(f"worker failed: {out[1]}")
+        return out
+
+    def close(self):
+        self.conn.send(None)
+        peak = self.conn.recv()
+        self.proc.join(timeout=30)
+        return peak
 
 
 def gemm_peak(threads: int) -> float:
-    """Measured float32 GEMM GFLOP/s (2048², NumPy) — the denominator of model FLOPs use."""
+    """This machine's float32 GEMM GFLOP/s (NumPy, 2048²): the denominator of model FLOPs use."""
+    import numpy as np
+    from threadpoolctl import threadpool_limits
     a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
     with threadpool_limits(threads, user_api="blas"):
         for _ in range(2):
@@ -75,89 +164,78 @@ def gemm_peak(threads: int) -> float:
     return 2 * 2048 ** 3 / min(ts) / 1e9
 
 
-def build_tinylora(cfg, mode):
-    tl.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
-                          n_head=cfg["n_head"], n_embd=cfg["n_embd"]))
-    if mode == "lora":
-        lora.inject(model, lora.LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS))
-    opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
-
-    def step(x, y):
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
-    return step
-
-
-def build_torch(cfg, mode):
-    torch.manual_seed(0)
-    model = TorchGPT(VOCAB, cfg["block_size"], cfg["n_layer"], cfg["n_head"], cfg["n_embd"])
-    if mode == "lora":
-        add_lora(model, r=8, alpha=16)
-    return make_step(model, lr=1e-4)
-
-
-def compare(name: str, mode: str, threads: int, warmup: int, repeats: int) -> dict:
+def compare(ctx, name, mode, threads, warmup, rounds, per_round, pause):
     cfg = CONFIGS[name]
-    B, T = cfg["batch_size"], cfg["block_size"]
-    rng = np.random.default_rng(0)
-    x_np, y_np = (rng.integers(0, VOCAB, (B, T)) for _ in range(2))
-    xt, yt = torch.from_numpy(x_np), torch.from_numpy(y_np)
-    tl_step, th_step = build_tinylora(cfg, mode), build_torch(cfg, mode)
-    ours, theirs = [], []
-    with threadpool_limits(threads):
-        torch.set_num_threads(threads)
-        for _ in range(warmup):
-            tl_step(x_np, y_np)
-            th_step(xt, yt)
-        for _ in range(repeats):
-            t = time.perf_counter()
-            tl_step(x_np, y_np)
-            ours.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            th_step(xt, yt)
-            theirs.append(time.perf_counter() - t)
-    a, b = statistics.median(ours), statistics.median(theirs)
+    ours, theirs = Side(ctx, "tinylora", name, mode, threads), Side(ctx, "torch", name, mode, threads)
+    try:
+        ours.run(warmup)
+        time.sleep(pause)
+        theirs.run(warmup)
+        a, b = [], []
+        for _ in range(rounds):
+            time.sleep(pause)
+            a += ours.run(per_round)
+            time.sleep(pause)
+            b += theirs.run(per_round)
+    finally:
+        peak_a, peak_b = ours.close(), theirs.close()
+    ta, tb = statistics.median(a), statistics.median(b)
+    tokens = cfg["batch_size"] * cfg["block_size"]
     flops = step_flops(cfg, mode)
-    return {"config": name, "mode": mode, **cfg, "tokens_per_step": B * T,
-            "tinylora_ms": round(a * 1e3, 2), "torch_ms": round(b * 1e3, 2),
-            "tinylora_tokens_per_s": round(B * T / a), "torch_tokens_per_s": round(B * T / b),
-            "ratio_tokens_per_s": round(b / a, 3),
+    return {"config": name, "mode": mode, **cfg, "tokens_per_step": tokens,
+            "steps_timed": len(a),
+            "tinylora_ms": round(ta * 1e3, 2), "torch_ms": round(tb * 1e3, 2),
+            "tinylora_tokens_per_s": round(tokens / ta), "torch_tokens_per_s": round(tokens / tb),
+            "ratio_tokens_per_s": round(tb / ta, 3),
             "gflop_per_step": round(flops / 1e9, 3),
-            "tinylora_gflops": round(flops / a / 1e9, 1), "torch_gflops": round(flops / b / 1e9, 1)}
+            "tinylora_gflops": round(flops / ta / 1e9, 1), "torch_gflops": round(flops / tb / 1e9, 1),
+            "tinylora_peak_rss_mb": round(peak_a, 1), "torch_peak_rss_mb": round(peak_b, 1),
+            "blas": {"tinylora": ours.blas, "torch": theirs.blas}}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
-    ap.add_argument("--threads", type=int, default=tl.backend.blas_threads() if hasattr(tl.backend, "blas_threads") else 2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="BLAS threads for tinylora and torch.set_num_threads for PyTorch")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--pause", type=float, default=0.3, help="seconds between rounds")
     ap.add_argument("--json-out", default=None)
     a = ap.parse_args(argv)
+    ctx = mp.get_context("spawn")
     peak = gemm_peak(a.threads)
     rows = []
     for name in a.configs:
+        small = CONFIGS[name]["n_embd"] < 256
         for mode in a.modes:
-            reps = a.repeats if CONFIGS[name]["n_embd"] < 256 else max(3, a.repeats // 2)
-            row = compare(name, mode, a.threads, a.warmup, reps)
+            row = compare(ctx, name, mode, a.threads, a.warmup, a.rounds, 5 if small else 2, a.pause)
             row["tinylora_mfu"] = round(row["tinylora_gflops"] / peak, 3)
             rows.append(row)
-            print(json.dumps(row), file=sys.stderr)
+            print(json.dumps({k: v for k, v in row.items() if k != "blas"}), file=sys.stderr)
+    import numpy as np
+    import torch
     out = {"results": rows, "threads": a.threads, "gemm_peak_gflops": round(peak, 1),
-           "blas": [{k: d.get(k) for k in ("user_api", "internal_api", "version", "num_threads", "filepath")}
-                    for d in threadpool_info()],
-           "torch": torch.__version__, "numpy": np.__version__, "tinylora": tl.__version__,
+           "torch": torch.__version__, "numpy": np.__version__,
            "python": platform.python_version(), "machine": platform.machine(),
-           "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+           "processor": _cpu_name(), "cpu_count": os.cpu_count(),
+           "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+           "date": time.strftime("%Y-%m-%d")}
     text = json.dumps(out, indent=2)
     if a.json_out:
         Path(a.json_out).write_text(text + "\n")
     print(text)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 if __name__ == "__main__":

