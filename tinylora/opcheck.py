@@ -118,7 +118,10 @@ def all_cases() -> list[OpCase]:
           OpCase("self_attention", ((2, 5, 12),), lambda x: F.self_attention(x, 2)),
           OpCase("self_attention", ((3, 4, 6),),
                  lambda x: F.self_attention(x, 1, attn_mask=_mask((3, 1, 1, 4), 5))),
-          OpCase("self_attention", ((2, 5, 12),), _seeded_attention_dropout)]
+          OpCase("self_attention", ((2, 5, 12),), _seeded_attention_dropout),
+          OpCase("self_attention", ((1, 130, 6),), lambda x: F.self_attention(x, 1)),  # causal tiles
+          OpCase("attention", ((1, 1, 130, 2), (1, 1, 140, 2), (1, 1, 140, 2)),
+                 lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))]
     return c
 
 

@@ -1,6 +1,7 @@
 """The LoRA linear layer as one fused op (the common case: one adapter on a float base)."""
 from __future__ import annotations
 
+from ..blas import gemm
 from ..tensor import Tensor, make_result
 
 
@@ -26,7 +27,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         y += bias.data
     h = xd2 @ A.T                                    # (rows, r): the thin tensor carries s
     h *= s
-    y += h @ B.T
+    gemm(h, B.T, y)                                  # y += h Bᵀ, accumulated inside the GEMM
     shape = x.shape[:-1] + (n_out,)
 
     def backward(g):
@@ -37,7 +38,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         if x.requires_grad:
             dx = g2 @ W
             if xd_t is x:
-                dx += dh @ A
+                gemm(dh, A, dx)                      # dx += dh A
         if xd_t is not x and xd_t.requires_grad:
             dxd = (dh @ A).reshape(xd_t.shape)
         dW = g2.T @ x2 if weight.requires_grad else None

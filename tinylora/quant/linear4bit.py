@@ -37,6 +37,7 @@ import warnings
 from .. import backend
 from ..backend import is_cuda, np, to_numpy, xp
 from ..nn.module import Module, Parameter, ShapeError
+from ..blas import gemm
 from ..tensor import Tensor, make_result
 from .nf4 import (_DEQUANT_CHUNK, _GPU_CHUNK, code_table, dequantize_4bit, quantize_4bit,
                   unpack_4bit)
@@ -182,12 +183,10 @@ def lora_linear_4bit(x: Tensor, packed: Tensor, state: QuantState, bias: Tensor 
         y += bias.data
     h = xd2 @ A.T                                    # (rows, r): the thin tensor carries s
     h *= h.dtype.type(scaling)
-    z = h @ B.T
-    if z.dtype == y.dtype:
-        y += z
+    if h.dtype == y.dtype:
+        gemm(h, B.T, y)                              # y += h Bᵀ inside the GEMM
     else:                                            # promotes like the unfused sum would
-        y = y + z
-    del z
+        y = y + h @ B.T
 
     def backward(g):
         g2 = g.reshape(-1, n_out)
@@ -198,7 +197,10 @@ def lora_linear_4bit(x: Tensor, packed: Tensor, state: QuantState, bias: Tensor 
             Wb = _dequantize_to_workspace(P, state, cd)   # rebuilt, not kept from forward
             dx = (g2.astype(cd, copy=False) @ Wb).astype(x.dtype, copy=False)
             if xd_t is x:
-                dx += dh @ A
+                if dh.dtype == dx.dtype:
+                    gemm(dh, A, dx)                  # dx += dh A
+                else:
+                    dx += dh @ A
             dx = dx.reshape(x.shape)
         if xd_t is not x and xd_t.requires_grad:
             dxd = (dh @ A).astype(xd_t.dtype, copy=False).reshape(xd_t.shape)
