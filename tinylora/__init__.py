@@ -13,6 +13,8 @@ from .tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
 from . import ops  # noqa: E402  (attaches the operator methods to Tensor)
 from . import functional  # noqa: E402
 from .gradcheck import GradcheckError, gradcheck
+from . import blas  # noqa: E402  (reads TINYLORA_NUM_THREADS)
+from .blas import get_num_threads, set_num_threads
 from .ops import cat, concat, stack, where
 
 float16 = backend.np.dtype("float16")

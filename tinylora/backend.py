@@ -49,6 +49,8 @@ class _ArrayModule:
         return f"<tinylora array module: {self.__name__}>"
 
     def __getattr__(self, name):  # only reached for names the bound module lacks
+        if startup_error is not None:   # TINYLORA_DEVICE named a device that cannot be used
+            raise startup_error
         raise AttributeError(f"array module {self.__name__} has no attribute {name!r}"
                              + (" (CuPy lacks it: the device path must not use it)"
                                 if _device == "guard" else ""))
@@ -411,5 +413,11 @@ def _tune_malloc() -> bool:
 
 
 malloc_tuned = _tune_malloc()
-set_device(os.environ.get("TINYLORA_DEVICE", "cpu"))
+startup_error: DeviceError | None = None
+try:
+    set_device(os.environ.get("TINYLORA_DEVICE", "cpu"))
+except DeviceError as e:
+    # Raised again at the first use of ``xp`` rather than here, so that ``import tinylora``
+    # works and the command line can report it as one line.
+    startup_error = e
 manual_seed(0)

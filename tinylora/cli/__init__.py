@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_TopLevelHelp,
         epilog="Run `tinylora COMMAND --help` for a command's options and defaults.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="BLAS threads for every command (default: all cores; on a busy "
+                             "machine 1 is often faster; also TINYLORA_NUM_THREADS)")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, summary in _COMMANDS:
@@ -64,6 +67,10 @@ def _version() -> str:
 
 
 def main(argv=None) -> int:
+    from .. import backend
+    if backend.startup_error is not None:
+        print(f"tinylora: error: {backend.startup_error}", file=sys.stderr)
+        return 1
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -71,6 +78,9 @@ def main(argv=None) -> int:
         return 0
     debug = args.debug or getattr(args, "debug_cmd", False)
     try:
+        if args.threads is not None:
+            from ..blas import set_num_threads
+            set_num_threads(args.threads)
         code = args.func(args)
         return 0 if code is None else int(code)
     except KeyboardInterrupt:

@@ -18,11 +18,11 @@ Special tokens (``<|endoftext|>``) written in the text are encoded as ordinary t
 from __future__ import annotations
 
 import functools
-import json
 import os
 import unicodedata
 
 from ..backend import np
+from ..io import FormatError, load_json
 
 __all__ = ["GPT2Tokenizer", "bytes_to_unicode", "pretokenize"]
 
@@ -110,18 +110,22 @@ class GPT2Tokenizer:
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"{p} is missing: a GPT-2 tokenizer folder holds "
                                         "vocab.json and merges.txt")
-        with open(vocab, encoding="utf-8") as f:
-            encoder = json.load(f)
+        encoder = load_json(vocab)                   # FormatError on anything but JSON text
+        if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
+            raise FormatError(f"{vocab}: expected a JSON object mapping tokens to integer ids")
+        try:
+            with open(merges, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise FormatError(f"{merges}: not UTF-8 text; expected GPT-2's merges.txt") from None
         pairs = []
-        with open(merges, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                line = line.rstrip("\n")
-                if not line or line.startswith("#version"):
-                    continue
-                parts = line.split(" ")
-                if len(parts) != 2:
-                    raise ValueError(f"{merges}: line {n} is not two symbols separated by a space")
-                pairs.append(tuple(parts))
+        for n, line in enumerate(text.split("\n"), 1):
+            if not line or line.startswith("#version"):
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2:
+                raise FormatError(f"{merges}: line {n} is not two symbols separated by a space")
+            pairs.append(tuple(parts))
         return cls(encoder, pairs)
 
     @property
