@@ -1,7 +1,7 @@
 """`tinylora bench TARGET`: benchmark figures as JSON (figures to report, not timed tests).
 
-Targets register in ``_TARGETS`` as name -> (summary, add_arguments, run); later ones
-(lora, qlora, encode, infer) add a row there.
+Targets register in ``_TARGETS`` as name -> (summary, add_arguments, run). The PyTorch
+side of the comparisons lives in benchmarks/compare_torch.py (it needs torch installed).
 """
 from __future__ import annotations
 
@@ -18,18 +18,74 @@ def _train_args(p) -> None:
                    help="cap BLAS threads (threadpoolctl); default: the library's own setting")
     p.add_argument("--in-process", action="store_true",
                    help="run every config in this process (faster; peak memory is then cumulative)")
+    p.add_argument("--mode", default="full", choices=["full", "lora"],
+                   help="train every weight, or LoRA r=8 on the attention and MLP linears")
 
 
 def _train_run(args) -> list:
     from ..bench import TRAIN_CONFIGS, bench_train_step, run_isolated
     fn = bench_train_step if args.in_process else run_isolated
-    return [fn(name, warmup=args.warmup, repeats=args.repeats, threads=args.threads)
+    return [fn(name, warmup=args.warmup, repeats=args.repeats, threads=args.threads, mode=args.mode)
             for name in (args.config or list(TRAIN_CONFIGS))]
 
 
+def _one_config(p, default="gpt-6x384") -> None:
+    from ..bench import TRAIN_CONFIGS
+    p.add_argument("--config", default=default, choices=sorted(TRAIN_CONFIGS), help="configuration")
+    p.add_argument("--threads", type=int, default=None, help="cap BLAS threads")
+
+
+def _lora_args(p) -> None:
+    _one_config(p)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per mode")
+
+
+def _lora_run(args) -> list:
+    from ..bench import lora_vs_full
+    return [lora_vs_full(args.config, repeats=args.repeats, threads=args.threads)]
+
+
+def _infer_args(p) -> None:
+    _one_config(p)
+    p.add_argument("--repeats", type=int, default=7, help="timed forwards per model")
+
+
+def _infer_run(args) -> list:
+    from ..bench import inference_figures
+    return [inference_figures(args.config, repeats=args.repeats, threads=args.threads)]
+
+
+def _qlora_args(p) -> None:
+    _one_config(p)
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per run")
+    p.add_argument("--matrix", type=int, default=4096, help="side of the square matrix case")
+
+
+def _qlora_run(args) -> list:
+    from ..quant.bench import qlora_figures
+    return [{"target": "qlora", "config": args.config,
+             **qlora_figures(args.config, matrix=args.matrix, steps=args.steps, threads=args.threads)}]
+
+
+def _encode_args(p) -> None:
+    p.add_argument("--threads", type=int, default=None, help="cap BLAS threads")
+    p.add_argument("--batch-size", type=int, default=32, help="sentences per batch")
+
+
+def _encode_run(args) -> list:
+    from ..bench import encode_figures
+    return [encode_figures(batch_size=args.batch_size, threads=args.threads)]
+
+
 _TARGETS = {
-    "train": ("one GPT training step (forward, backward, AdamW): ms/step, tokens/s, peak RSS",
-              _train_args, _train_run),
+    "train": ("one GPT training step (forward, backward, AdamW): ms/step, tokens/s, GFLOP/s, "
+              "peak RSS", _train_args, _train_run),
+    "lora": ("LoRA vs full fine-tuning of one GPT: step time and peak memory ratios",
+             _lora_args, _lora_run),
+    "qlora": ("QLoRA vs LoRA: bytes/param, weight and peak memory, step time, NF4 throughput",
+              _qlora_args, _qlora_run),
+    "infer": ("forward speed: base vs merged LoRA vs unmerged LoRA", _infer_args, _infer_run),
+    "encode": ("all-MiniLM-L6-v2 sentence encoding: sentences/s", _encode_args, _encode_run),
 }
 
 
@@ -49,12 +105,20 @@ def register(sub, name, summary):
 
 def run(args) -> int:
     rows = _TARGETS[args.target][2](args)
-    if args.json:
+    if args.json or args.target not in ("train", "lora", "infer", "encode"):
         print_json(rows)
-    else:
-        cols = ["config", "params", "tokens_per_step", "ms_per_step", "tokens_per_s", "peak_rss_mb"]
-        print(table(rows, cols))
+        return 0
+    if args.target == "train":
+        print(table(rows, ["config", "mode", "params", "tokens_per_step", "ms_per_step",
+                           "tokens_per_s", "gflops", "mfu", "peak_rss_mb"]))
         blas = rows[0].get("blas", {}) if rows else {}
         print(f"\ndevice {rows[0]['device'] if rows else '?'}, BLAS {blas.get('libraries')}, "
               f"threads requested: {blas.get('threads_requested')}")
+    elif args.target == "lora":
+        r = rows[0]
+        print(table([{"mode": m, "ms_per_step": r[m]["ms_per_step"], "peak_rss_mb": r[m]["peak_rss_mb"],
+                      "trainable": r[m]["trainable_params"]} for m in ("full", "lora")]))
+        print(f"\nLoRA/full: time {r['time_ratio']}, peak memory {r['peak_rss_ratio']}")
+    else:
+        print(table([{k: v for k, v in r.items() if k != "blas"} for r in rows]))
     return 0
