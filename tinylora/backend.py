@@ -381,11 +381,32 @@ def normal(mean: float, std: float, shape, dtype=None):
     return xp.asarray(_host.normal(mean, std, shape).astype(_dt(dtype)))
 
 
+_mask_tape = None   # (mode, list): masks recorded by, or replayed into, a recomputed forward
+
+
+@contextlib.contextmanager
+def dropout_tape(mode: str, masks: list):
+    """"record": every dropout mask drawn inside is appended to ``masks``; "replay": masks
+    are taken from ``masks`` in the same order instead of being drawn. Activation
+    checkpointing uses this so that a recomputed forward drops exactly the same values."""
+    global _mask_tape
+    prev, _mask_tape = _mask_tape, (mode, masks)
+    try:
+        yield
+    finally:
+        _mask_tape = prev
+
+
 def dropout_mask(shape, p: float, dtype=None):
     """Inverted-dropout multiplier drawn on the device: 0 with probability p, else 1/(1-p)."""
+    if _mask_tape is not None and _mask_tape[0] == "replay":
+        return _mask_tape[1].pop(0)
     dt = _dt(dtype)
     keep = xp.asarray(_dev.random(shape, dtype=np.float32)) >= p  # asarray: guard's arrays
-    return keep.astype(dt) * dt.type(1.0 / (1.0 - p))
+    mask = keep.astype(dt) * dt.type(1.0 / (1.0 - p))
+    if _mask_tape is not None:
+        _mask_tape[1].append(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------- host memory

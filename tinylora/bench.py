@@ -88,7 +88,7 @@ def gemm_peak_gflops(n: int = 2048) -> float:
 
 def bench_train_step(name: str = "nanogpt-cpu", *, warmup: int = 2, repeats: int = 5,
                      threads: int | None = None, config: dict | None = None,
-                     mode: str = "full") -> dict:
+                     mode: str = "full", checkpointing: bool = False) -> dict:
     """Time one training step of TRAIN_CONFIGS[name] (or ``config``); a dict of figures.
 
     mode "full" trains every weight; "lora" freezes the base and trains LoRA r=8 adapters on
@@ -113,6 +113,8 @@ def bench_train_step(name: str = "nanogpt-cpu", *, warmup: int = 2, repeats: int
             lora.inject(model, lora.LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS))
         elif mode != "full":
             raise ValueError(f"bench: mode must be 'full' or 'lora', got {mode!r}")
+        if checkpointing:
+            model.gradient_checkpointing_enable()
         opt = AdamW.from_model(model, lr=1e-4, weight_decay=0.1)
         rng = np.random.default_rng(0)
         x, y = (rng.integers(0, VOCAB, (B, T)) for _ in range(2))
@@ -136,7 +138,8 @@ def bench_train_step(name: str = "nanogpt-cpu", *, warmup: int = 2, repeats: int
         peak = gemm_peak_gflops()
     med = statistics.median(times)
     flops = step_flops({**cfg, "batch_size": B}, mode)
-    return {"target": "train", "config": name, "mode": mode, **cfg, "batch_size": B,
+    return {"target": "train", "config": name, "mode": mode, "checkpointing": checkpointing,
+            **cfg, "batch_size": B,
             "vocab_size": VOCAB, "params": model.num_parameters(),
             "trainable_params": model.num_parameters(trainable_only=True), "tokens_per_step": B * T,
             "gflop_per_step": round(flops / 1e9, 3), "gflops": round(flops / med / 1e9, 1),
@@ -150,10 +153,10 @@ def bench_train_step(name: str = "nanogpt-cpu", *, warmup: int = 2, repeats: int
 
 
 def run_isolated(name: str, *, warmup: int = 2, repeats: int = 5, threads: int | None = None,
-                 mode: str = "full") -> dict:
+                 mode: str = "full", checkpointing: bool = False) -> dict:
     """``bench_train_step`` in a fresh Python process, so peak_rss_mb is this config's alone."""
     cmd = [sys.executable, "-m", "tinylora.bench", name, "--warmup", str(warmup),
-           "--repeats", str(repeats), "--mode", mode]
+           "--repeats", str(repeats), "--mode", mode] + (["--checkpointing"] if checkpointing else [])
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -166,12 +169,17 @@ def run_isolated(name: str, *, warmup: int = 2, repeats: int = 5, threads: int |
 def lora_vs_full(name: str = "gpt-6x384", *, warmup: int = 2, repeats: int = 5,
                  threads: int | None = None) -> dict:
     """LoRA's own promise, measured: a LoRA step's time and peak memory against a full
-    fine-tuning step of the same model, each in a fresh process."""
-    full = run_isolated(name, warmup=warmup, repeats=repeats, threads=threads, mode="full")
-    lo = run_isolated(name, warmup=warmup, repeats=repeats, threads=threads, mode="lora")
-    return {"target": "lora", "config": name, "full": full, "lora": lo,
+    fine-tuning step of the same model, each in a fresh process; and LoRA with activation
+    checkpointing (blocks recomputed in backward), which trades time for memory."""
+    kw = dict(warmup=warmup, repeats=repeats, threads=threads)
+    full = run_isolated(name, mode="full", **kw)
+    lo = run_isolated(name, mode="lora", **kw)
+    lo_ck = run_isolated(name, mode="lora", checkpointing=True, **kw)
+    return {"target": "lora", "config": name, "full": full, "lora": lo, "lora_checkpointing": lo_ck,
             "time_ratio": round(lo["ms_per_step"] / full["ms_per_step"], 3),
             "peak_rss_ratio": round(lo["peak_rss_mb"] / full["peak_rss_mb"], 3),
+            "checkpointing_time_ratio": round(lo_ck["ms_per_step"] / full["ms_per_step"], 3),
+            "checkpointing_peak_rss_ratio": round(lo_ck["peak_rss_mb"] / full["peak_rss_mb"], 3),
             "trainable_fraction": round(lo["trainable_params"] / lo["params"], 5)}
 
 
@@ -260,9 +268,10 @@ def _main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--mode", default="full", choices=["full", "lora"])
+    ap.add_argument("--checkpointing", action="store_true")
     a = ap.parse_args(argv)
     print(json.dumps(bench_train_step(a.config, warmup=a.warmup, repeats=a.repeats,
-                                      threads=a.threads, mode=a.mode)))
+                                      threads=a.threads, mode=a.mode, checkpointing=a.checkpointing)))
 
 
 if __name__ == "__main__":

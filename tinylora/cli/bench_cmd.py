@@ -117,8 +117,11 @@ def run(args) -> int:
     elif args.target == "lora":
         r = rows[0]
         print(table([{"mode": m, "ms_per_step": r[m]["ms_per_step"], "peak_rss_mb": r[m]["peak_rss_mb"],
-                      "trainable": r[m]["trainable_params"]} for m in ("full", "lora")]))
-        print(f"\nLoRA/full: time {r['time_ratio']}, peak memory {r['peak_rss_ratio']}")
+                      "trainable": r[m]["trainable_params"]}
+                     for m in ("full", "lora", "lora_checkpointing")]))
+        print(f"\nLoRA/full: time {r['time_ratio']}, peak memory {r['peak_rss_ratio']}; with "
+              f"activation checkpointing: time {r['checkpointing_time_ratio']}, peak memory "
+              f"{r['checkpointing_peak_rss_ratio']}")
     else:
         print(table([{k: v for k, v in r.items() if k != "blas"} for r in rows]))
     return 0

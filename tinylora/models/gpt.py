@@ -14,8 +14,8 @@ from .. import backend
 from .. import functional as F
 from ..backend import np, xp
 from ..nn import (Block, Dropout, Embedding, KVCache, LayerNorm, Linear, Module, ModuleDict,
-                  ModuleList, Parameter, adapter_routing)
-from ..tensor import Tensor, no_grad
+                  ModuleList, Parameter, adapter_routing, checkpoint)
+from ..tensor import Tensor, is_grad_enabled, no_grad
 
 __all__ = ["GPTConfig", "GPT", "sample_logits"]
 
@@ -131,8 +131,13 @@ class GPT(Module):
         T = ids.shape[1]
         pos = xp.arange(past, past + T)[None]                # (1, T): one row shared by the batch
         x = tr.drop(tr.wte(ids) + tr.wpe(pos))               # (B, T, C) + (1, T, C)
+        recompute = self.gradient_checkpointing and self.training and is_grad_enabled() \
+            and kv_cache is None
         for i, block in enumerate(tr.h):
-            x = block(x, attention_mask, None if kv_cache is None else kv_cache.layers[i])
+            if recompute:   # keep only each block's input; rerun the block in backward
+                x = checkpoint(block, x, attention_mask, params=block.parameters())
+            else:
+                x = block(x, attention_mask, None if kv_cache is None else kv_cache.layers[i])
         x = tr.ln_f(x)
         logits = self.lm_head(x)                             # (B, T, V)
         if targets is None:
@@ -141,6 +146,16 @@ class GPT(Module):
         return logits, F.cross_entropy(logits, t)
 
     # ------------------------------------------------------------------ utilities
+    gradient_checkpointing = False
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each block's activations in backward instead of keeping them (training
+        memory drops to about one block's activations, for one extra forward per step)."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context to ``block_size`` positions (keeps wpe's first rows)."""
         if not 1 <= block_size <= self.config.block_size:
