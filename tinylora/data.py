@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from . import backend
 from .backend import np
+from .io import decode_utf8
 from .tensor import Tensor
 
 __all__ = ["CharTokenizer", "BUILTIN_VOCAB", "BUILTIN_CORPORA", "builtin_text", "load_text",
@@ -190,12 +191,7 @@ def load_text(path) -> str:
         raise IsADirectoryError(f"data path {path!r} is a folder; give a UTF-8 text file")
     with open(path, "rb") as f:
         raw = f.read()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ValueError(f"data file {path!r} is not UTF-8 text (byte {raw[e.start]:#04x} at "
-                         f"offset {e.start}, line {line}); convert it to UTF-8 first") from None
+    text = decode_utf8(raw, f"data file {path!r}", "convert it to UTF-8 first")
     if not text.strip():
         raise ValueError(f"data file {path!r} is empty; it needs some text to train on")
     return text.replace("\r\n", "\n")

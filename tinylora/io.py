@@ -24,7 +24,7 @@ import types
 
 from .backend import np, to_numpy
 
-__all__ = ["FormatError", "ConfigError", "save_safetensors", "load_safetensors",
+__all__ = ["FormatError", "ConfigError", "decode_utf8", "save_safetensors", "load_safetensors",
            "read_safetensors_header", "atomic_write", "atomic_write_bytes", "atomic_write_text",
            "make_folder", "save_json", "load_json", "config_from_dict"]
 
@@ -408,17 +408,23 @@ def save_json(path, obj) -> None:
     atomic_write_text(path, text + "\n")
 
 
+def decode_utf8(raw: bytes, where: str, fix: str) -> str:
+    """raw as UTF-8 text (a leading BOM, which some editors add, is dropped); otherwise a
+    FormatError "<where> is not UTF-8 text (byte 0x.. at offset N, line L); <fix>"."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise FormatError(f"{where} is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+                          f"{e.start}, line {line}); {fix}") from None
+
+
 def load_json(path):
     """Read a JSON file; FormatError naming the file and line when it is not UTF-8 JSON."""
     where = os.fspath(path)
     with _open_for_read(path) as f:
         raw = f.read()
-    try:
-        text = raw.decode("utf-8-sig")  # tolerate a BOM some editors add
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        _fail(where, f"not UTF-8 text (byte {raw[e.start]:#04x} on line {line}); JSON files "
-                     "must be UTF-8")
+    text = decode_utf8(raw, where, "JSON files must be UTF-8")
     try:
         return _strict_json(text)
     except json.JSONDecodeError as e:

@@ -22,7 +22,7 @@ import os
 import unicodedata
 
 from ..backend import np
-from ..io import FormatError, load_json
+from ..io import FormatError, decode_utf8, load_json
 
 __all__ = ["GPT2Tokenizer", "bytes_to_unicode", "pretokenize"]
 
@@ -113,11 +113,8 @@ class GPT2Tokenizer:
         encoder = load_json(vocab)                   # FormatError on anything but JSON text
         if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
             raise FormatError(f"{vocab}: expected a JSON object mapping tokens to integer ids")
-        try:
-            with open(merges, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError:
-            raise FormatError(f"{merges}: not UTF-8 text; expected GPT-2's merges.txt") from None
+        with open(merges, "rb") as f:
+            text = decode_utf8(f.read(), merges, "expected GPT-2's merges.txt")
         pairs = []
         for n, line in enumerate(text.split("\n"), 1):
             if not line or line.startswith("#version"):

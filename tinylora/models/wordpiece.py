@@ -27,7 +27,7 @@ import re
 import unicodedata
 
 from ..backend import np
-from ..io import FormatError, load_json
+from ..io import FormatError, decode_utf8, load_json
 
 __all__ = ["WordPieceTokenizer", "basic_tokenize", "wordpiece_split", "SPECIAL_TOKENS"]
 
@@ -176,12 +176,7 @@ def _read_vocab(path: pathlib.Path) -> list[str]:
             f"WordPiece vocabulary not found: {path} (expected a vocab.txt file with one "
             "token per line, the line number being the token id)")
     raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise FormatError(f"{path}: not a UTF-8 text vocabulary (byte {raw[e.start]:#04x} on line "
-                          f"{line}); expected vocab.txt with one token per line") from None
+    text = decode_utf8(raw, str(path), "expected vocab.txt with one token per line")
     return [line.rstrip("\r\n") for line in io.StringIO(text, newline=None)]
 
 
