@@ -23,6 +23,7 @@ _COMMANDS = [
     ("generate", "sample text from a GPT, optionally with an adapter"),
     ("bench", "benchmark figures (ms/step, tokens/s, memory) as JSON"),
     ("embed", "sentence embeddings with all-MiniLM-L6-v2"),
+    ("classify", "fine-tune MiniLM on a built-in task: probe vs LoRA vs full"),
 ]
 
 
