@@ -51,5 +51,8 @@ def rand(*shape, dtype=None, requires_grad: bool = False) -> Tensor:
 
 def arange(*args, dtype=None) -> Tensor:
     return Tensor(backend.xp.arange(*args, dtype=dtype))
-from . import data, models, optim  # noqa: E402,F401
-from . import lora  # noqa: E402,F401
+
+
+# the layers above the engine, reachable as tl.nn, tl.optim, tl.lora, ... (after the helpers
+# they use are defined)
+from . import data, lora, models, nn, optim, quant  # noqa: E402,F401
