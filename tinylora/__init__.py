@@ -55,4 +55,4 @@ def arange(*args, dtype=None) -> Tensor:
 
 # the layers above the engine, reachable as tl.nn, tl.optim, tl.lora, ... (after the helpers
 # they use are defined)
-from . import data, lora, models, nn, optim, quant  # noqa: E402,F401
+from . import data, lora, models, nn, optim  # noqa: E402,F401
