@@ -23,6 +23,7 @@ import time
 
 from . import backend
 from .backend import np, xp
+from .blas import blas_info, limit_threads
 
 __all__ = ["TRAIN_CONFIGS", "bench_train_step", "run_isolated", "peak_rss_mb"]
 
@@ -41,12 +42,7 @@ def peak_rss_mb() -> float:
 
 
 def _blas_info(threads):
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return {"threads_requested": threads}
-    libs = [{k: d.get(k) for k in ("internal_api", "version", "num_threads")}
-            for d in threadpool_info() if d.get("user_api") == "blas"]
+    libs = [{k: d[k] for k in ("internal_api", "version", "num_threads")} for d in blas_info()]
     return {"threads_requested": threads, "libraries": libs}
 
 
@@ -93,19 +89,13 @@ def bench_train_step(name: str = "nanogpt-cpu", *, warmup: int = 2, repeats: int
 
     mode "full" trains every weight; "lora" freezes the base and trains LoRA r=8 adapters on
     the attention and MLP linears (AdamW holds state for the adapters only)."""
-    from contextlib import nullcontext
-
     from .models.gpt import GPT, GPTConfig
     from .optim import AdamW
 
     cfg = dict(config or TRAIN_CONFIGS[name])
     B, T = cfg.pop("batch_size"), cfg["block_size"]
     rss_start = peak_rss_mb()
-    limits = nullcontext()
-    if threads:
-        from threadpoolctl import threadpool_limits
-        limits = threadpool_limits(limits=threads, user_api="blas")
-    with limits:
+    with limit_threads(threads):
         backend.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=VOCAB, **cfg))
         if mode == "lora":
@@ -186,19 +176,13 @@ def lora_vs_full(name: str = "gpt-6x384", *, warmup: int = 2, repeats: int = 5,
 def inference_figures(name: str = "gpt-6x384", *, repeats: int = 7, threads: int | None = None) -> dict:
     """Forward-only speed of the base model, the same model with LoRA r=8 merged into it,
     and with the adapters unmerged (computed on the side), timed alternately in one process."""
-    from contextlib import nullcontext
-
     from . import lora
     from .models.gpt import GPT, GPTConfig
     from .tensor import no_grad
 
     cfg = dict(TRAIN_CONFIGS[name])
     B, T = cfg.pop("batch_size"), cfg["block_size"]
-    limits = nullcontext()
-    if threads:
-        from threadpoolctl import threadpool_limits
-        limits = threadpool_limits(limits=threads, user_api="blas")
-    with limits, no_grad():
+    with limit_threads(threads), no_grad():
         backend.manual_seed(0)
         base = GPT(GPTConfig(vocab_size=VOCAB, **cfg))
         backend.manual_seed(0)
@@ -232,8 +216,6 @@ def inference_figures(name: str = "gpt-6x384", *, repeats: int = 7, threads: int
 def encode_figures(*, n: int = 128, batch_size: int = 32, repeats: int = 7,
                    threads: int | None = None) -> dict:
     """all-MiniLM-L6-v2 sentence encoding: sentences/s at batch 32 for ~16-token sentences."""
-    from contextlib import nullcontext
-
     from .models.sentence import SentenceEncoder
 
     enc = SentenceEncoder.from_pretrained()
@@ -242,11 +224,7 @@ def encode_figures(*, n: int = 128, batch_size: int = 32, repeats: int = 7,
     objects = ["the broken wooden fence near the river", "an unusual plan for the summer festival",
                "three reports about rising housing costs", "the blue boat behind the harbour wall"]
     texts = [f"{subjects[i % 4]} {verbs[(i // 4) % 4]} {objects[(i // 16) % 4]}." for i in range(n)]
-    limits = nullcontext()
-    if threads:
-        from threadpoolctl import threadpool_limits
-        limits = threadpool_limits(limits=threads, user_api="blas")
-    with limits:
+    with limit_threads(threads):
         enc.encode(texts, batch_size=batch_size)
         times = []
         for _ in range(repeats):

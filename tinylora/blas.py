@@ -22,7 +22,7 @@ import os
 from . import backend
 from .backend import np
 
-__all__ = ["set_num_threads", "get_num_threads", "gemm", "blas_info"]
+__all__ = ["set_num_threads", "get_num_threads", "limit_threads", "gemm", "blas_info"]
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
@@ -117,13 +117,22 @@ def set_num_threads(n: int) -> None:
     threadpool_limits(limits=n, user_api="blas")
 
 
+def limit_threads(n: int | None):
+    """A context that caps BLAS threads at ``n`` inside it (None or 0: leave them as they are)."""
+    if not n:
+        import contextlib
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(limits=int(n), user_api="blas")
+
+
 def get_num_threads() -> int | None:
     info = blas_info()
     return info[0]["num_threads"] if info else None
 
 
 def blas_info() -> list:
-    """[{internal_api, version, num_threads, filepath}] of the BLAS libraries loaded."""
+    """[{internal_api, version, num_threads, filepath}] of the BLAS libraries loaded (now)."""
     try:
         from threadpoolctl import threadpool_info
     except ImportError:

@@ -200,11 +200,8 @@ def _blas_threads(threads: int | None):
     """A context capping BLAS threads (None or 0: the library's own choice). The demo's
     matrices are small (at most 512 wide): on 2 cores one thread is as fast, and on a busy
     machine it avoids BLAS threads spinning against other processes."""
-    from contextlib import nullcontext
-    if not threads:
-        return nullcontext()
-    from threadpoolctl import threadpool_limits
-    return threadpool_limits(limits=threads, user_api="blas")
+    from .blas import limit_threads
+    return limit_threads(threads)
 
 
 def _phase(name: str, s: DemoSettings, out, progress: bool, threads: int | None) -> dict:

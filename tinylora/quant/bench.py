@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -34,6 +33,7 @@ import time
 from .. import backend, lora, nn
 from ..backend import np, xp
 from ..bench import TRAIN_CONFIGS, peak_rss_mb
+from ..blas import limit_threads
 from ..tensor import Tensor
 from .convert import quantize_model
 from .int4 import quantization_error
@@ -94,8 +94,7 @@ def finetune_figures(kind: str, mode: str, *, threads: int | None = None, **kw) 
     """One fine-tuning run in this process: kind "gpt" or "matrix", mode "lora" or "qlora"."""
     if not threads:
         return _finetune(kind, mode, **kw)
-    from threadpoolctl import threadpool_limits
-    with threadpool_limits(limits=threads, user_api="blas"):
+    with limit_threads(threads):
         return {**_finetune(kind, mode, **kw), "blas_threads": threads}
 
 
@@ -255,11 +254,7 @@ def qlora_figures(config: str = "gpt-6x384", *, vocab_size: int = 65, matrix: in
                      "weight_memory_ratio": round(qlo["weight_mb"] / lo["weight_mb"], 4),
                      "train_peak_rss_ratio": (round(qlo["train_peak_rss_mb"] / lo["train_peak_rss_mb"], 3)
                                               if lo["train_peak_rss_mb"] else None)}
-    limits = contextlib.nullcontext()
-    if threads:
-        from threadpoolctl import threadpool_limits
-        limits = threadpool_limits(limits=threads, user_api="blas")
-    with limits:
+    with limit_threads(threads):
         for kind in ("gpt", "matrix"):
             out[kind]["step_time"] = _alternating_step_times(
                 kind, steps=steps, **{k: v for k, v in common.items()
