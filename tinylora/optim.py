@@ -258,9 +258,9 @@ class AdamW(Optimizer):
         mf, vf = st["exp_avg"].reshape(-1), st["exp_avg_sq"].reshape(-1)
         # block by block, so the ~10 passes below run on data that stays in cache (on a GPU
         # one block: there each pass is a kernel launch)
-        block = Pf.size if backend.on_device() else _BLOCK
-        tmp = xp.empty(min(Pf.size, block), dtype=P.dtype)
-        for lo in range(0, Pf.size, max(block, 1)):
+        block = max(1, min(Pf.size, backend.cache_block(_BLOCK)))
+        tmp = xp.empty(block, dtype=P.dtype)
+        for lo in range(0, Pf.size, block):
             b = slice(lo, lo + block)
             p, gr, m, v = Pf[b], gf[b], mf[b], vf[b]
             u = tmp[:p.size]

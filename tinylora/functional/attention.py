@@ -71,7 +71,7 @@ def _rows(a, lo, hi, batch):
 
 
 def _chunks(batch: int, per_row: int):
-    step = max(batch, 1) if backend.on_device() else max(1, _CHUNK_ELEMS // max(per_row, 1))
+    step = max(1, backend.cache_block(_CHUNK_ELEMS) // max(per_row, 1))
     for lo in range(0, batch, step):
         yield lo, min(batch, lo + step)
 

@@ -10,7 +10,7 @@ _ROW_BLOCK = 1 << 16  # values per block: the passes over one block of rows stay
 
 
 def _row_blocks(rows: int, n: int):
-    step = max(rows, 1) if backend.on_device() else max(1, _ROW_BLOCK // max(n, 1))
+    step = max(1, backend.cache_block(_ROW_BLOCK) // max(n, 1))
     for lo in range(0, rows, step):
         yield slice(lo, min(rows, lo + step))
 

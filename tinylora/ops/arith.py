@@ -224,7 +224,7 @@ _BLOCK = 1 << 16
 
 
 def _block_size(n: int) -> int:
-    return max(n, 1) if backend.on_device() else _BLOCK   # a GPU wants one launch per pass
+    return max(1, min(n, backend.cache_block(_BLOCK)))
 
 
 def _blocks(n: int):
@@ -286,7 +286,7 @@ def _gelu_tanh(x: Tensor) -> Tensor:
     def backward(g):
         gf = xp.ascontiguousarray(g).reshape(-1)
         dx = xp.empty_like(Xf)
-        tmp = xp.empty(min(Xf.size, _block_size(Xf.size)), dtype=Xf.dtype)
+        tmp = xp.empty(_block_size(Xf.size), dtype=Xf.dtype)
         for b in _blocks(Xf.size):
             xs, ts, d = Xf[b], t[b], dx[b]
             s = tmp[:d.size]
