@@ -10,6 +10,7 @@ from . import backend
 from .backend import (DeviceError, default_dtype, get_default_dtype, get_device, manual_seed,
                       set_default_dtype, set_device)
 from .tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
+from .dispatch import get_kernels, kernels_mode, set_kernels
 from . import ops  # noqa: E402  (attaches the operator methods to Tensor)
 from . import functional  # noqa: E402
 from .gradcheck import GradcheckError, gradcheck
