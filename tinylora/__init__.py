@@ -13,6 +13,7 @@ from .tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
 from .dispatch import get_kernels, kernels_mode, set_kernels
 from . import ops  # noqa: E402  (attaches the operator methods to Tensor)
 from . import functional  # noqa: E402
+from . import kernels  # noqa: E402,F401  (registers the fast versions of the ops)
 from .gradcheck import GradcheckError, gradcheck
 from . import blas  # noqa: E402  (reads TINYLORA_NUM_THREADS)
 from .blas import get_num_threads, set_num_threads
