@@ -1,6 +1,7 @@
 """tinylora vs PyTorch eager on the CPU: the same GPT, the same training step, alternating.
 
     python benchmarks/compare_torch.py [--threads 2] [--rounds 6] [--json-out FILE]
+                                       [--baseline DIR]
 
 Needs torch (``pip install torch==2.13.0``) next to tinylora; the tinylora package itself
 never imports it. For each configuration and mode (full training; LoRA r=8 on the attention
@@ -13,6 +14,10 @@ threads both spin-wait between calls, and in one process each side's idle spinni
 steal the cores from the other (measured here: PyTorch's small-config step went from 38 ms
 to 134 ms beside NumPy). Separate processes with a pause between rounds keep the comparison
 about the libraries. Each worker's peak RSS is its own.
+
+``--baseline DIR`` adds a third side: tinylora imported from another checkout (DIR holds its
+``tinylora/`` package), timed in the same alternation, so a change is measured before and
+after in one run (``ratio_vs_baseline`` > 1: the change is faster).
 """
 from __future__ import annotations
 
@@ -91,9 +96,11 @@ def _build_torch(cfg, mode):
     return lambda: inner(x, y)
 
 
-def _worker(conn, side: str, name: str, mode: str, threads: int) -> None:
+def _worker(conn, side: str, name: str, mode: str, threads: int, path: str | None = None) -> None:
     """Build one side's step, then time ``n`` steps whenever the parent asks."""
     import resource
+    if path is not None:  # the baseline side: its tinylora comes first on the path
+        sys.path.insert(0, path)
     try:
         from threadpoolctl import threadpool_info, threadpool_limits
         if side == "torch":
@@ -125,9 +132,10 @@ def _worker(conn, side: str, name: str, mode: str, threads: int) -> None:
 
 
 class Side:
-    def __init__(self, ctx, side, name, mode, threads):
+    def __init__(self, ctx, side, name, mode, threads, path=None):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, side, name, mode, threads), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(child, side, name, mode, threads, path),
+                                daemon=True)
         self.proc.start()
         msg = self.conn.recv()
         if msg[0] == "error":
@@ -164,21 +172,24 @@ def gemm_peak(threads: int) -> float:
     return 2 * 2048 ** 3 / min(ts) / 1e9
 
 
-def compare(ctx, name, mode, threads, warmup, rounds, per_round, pause):
+def compare(ctx, name, mode, threads, warmup, rounds, per_round, pause, baseline=None):
     cfg = CONFIGS[name]
     ours, theirs = Side(ctx, "tinylora", name, mode, threads), Side(ctx, "torch", name, mode, threads)
+    base = None if baseline is None else Side(ctx, "tinylora", name, mode, threads, baseline)
+    sides = [ours, theirs] + ([] if base is None else [base])
     try:
-        ours.run(warmup)
-        time.sleep(pause)
-        theirs.run(warmup)
-        a, b = [], []
+        times = {id(s): [] for s in sides}
+        for s in sides:
+            s.run(warmup)
+            time.sleep(pause)
         for _ in range(rounds):
-            time.sleep(pause)
-            a += ours.run(per_round)
-            time.sleep(pause)
-            b += theirs.run(per_round)
+            for s in sides:
+                time.sleep(pause)
+                times[id(s)] += s.run(per_round)
     finally:
-        peak_a, peak_b = ours.close(), theirs.close()
+        peaks = [s.close() for s in sides]
+    a, b = times[id(ours)], times[id(theirs)]
+    peak_a, peak_b = peaks[0], peaks[1]
     ta, tb = statistics.median(a), statistics.median(b)
     tokens = cfg["batch_size"] * cfg["block_size"]
     flops = step_flops(cfg, mode)
@@ -190,7 +201,15 @@ def compare(ctx, name, mode, threads, warmup, rounds, per_round, pause):
             "gflop_per_step": round(flops / 1e9, 3),
             "tinylora_gflops": round(flops / ta / 1e9, 1), "torch_gflops": round(flops / tb / 1e9, 1),
             "tinylora_peak_rss_mb": round(peak_a, 1), "torch_peak_rss_mb": round(peak_b, 1),
-            "blas": {"tinylora": ours.blas, "torch": theirs.blas}}
+            "blas": {"tinylora": ours.blas, "torch": theirs.blas},
+            **({} if base is None else _baseline_row(times[id(base)], ta, tb, peaks[2], baseline))}
+
+
+def _baseline_row(c, ta, tb, peak, path):
+    tc = statistics.median(c)
+    return {"baseline": str(path), "baseline_ms": round(tc * 1e3, 2),
+            "baseline_ratio_tokens_per_s": round(tb / tc, 3),
+            "ratio_vs_baseline": round(tc / ta, 3), "baseline_peak_rss_mb": round(peak, 1)}
 
 
 def main(argv=None):
@@ -203,6 +222,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--pause", type=float, default=0.3, help="seconds between rounds")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help="also time tinylora from this checkout (before/after in one run)")
     a = ap.parse_args(argv)
     ctx = mp.get_context("spawn")
     peak = gemm_peak(a.threads)
@@ -210,7 +231,8 @@ def main(argv=None):
     for name in a.configs:
         small = CONFIGS[name]["n_embd"] < 256
         for mode in a.modes:
-            row = compare(ctx, name, mode, a.threads, a.warmup, a.rounds, 5 if small else 2, a.pause)
+            row = compare(ctx, name, mode, a.threads, a.warmup, a.rounds, 5 if small else 2, a.pause,
+                          None if a.baseline is None else str(Path(a.baseline).resolve()))
             row["tinylora_mfu"] = round(row["tinylora_gflops"] / peak, 3)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "blas"}), file=sys.stderr)
