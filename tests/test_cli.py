@@ -94,3 +94,23 @@ def test_docs_cli_md_reference_is_up_to_date():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text(encoding="utf-8")
     assert doc.split(MARKER, 1)[1].strip() == markdown().strip(), \
         "docs/cli.md is out of date: python -m tinylora.cli.reference --write docs/cli.md"
+
+
+def test_a_mistyped_command_gets_a_suggestion(capsys):
+    assert main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'trian'" in err and "did you mean `train`?" in err
+    assert main(["--threads", "1", "xyzzy"]) == 2
+    assert "commands: demo" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    # the reader closes the pipe at once; the writer must neither print a traceback nor
+    # an "error: [Errno 32] Broken pipe" line
+    code = ("import sys, os\n"
+            "from tinylora.cli import main\n"
+            "r, w = os.pipe(); os.close(r); os.dup2(w, 1)\n"
+            f"sys.exit(main(['adapters', 'list', '--json', {str(tmp_path)!r}]))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 141, p.stderr
+    assert p.stderr == ""

@@ -8,7 +8,9 @@ an error prints one line and exits 1, with the traceback only under ``--debug``.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import os
 import sys
 
 # (module, one-line description shown by `tinylora --help`), in the order listed there
@@ -73,6 +75,14 @@ def main(argv=None) -> int:
         print(f"tinylora: error: {backend.startup_error}", file=sys.stderr)
         return 1
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    unknown = _unknown_command(argv)
+    if unknown is not None:
+        names = [n for n, _ in _COMMANDS]
+        close = difflib.get_close_matches(unknown, names, n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else f"; commands: {', '.join(names)}"
+        print(f"tinylora: error: unknown command {unknown!r}{hint}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
@@ -83,16 +93,37 @@ def main(argv=None) -> int:
             from ..blas import set_num_threads
             set_num_threads(args.threads)
         code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
         return 0 if code is None else int(code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`tinylora adapters list --json | head`): stop quietly, and
+        # point stdout at /dev/null so the interpreter's final flush cannot raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by the pipe
     except Exception as exc:  # noqa: BLE001  (every failure becomes one clear line)
         if debug:
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"tinylora {args.command}: error: {msg}", file=sys.stderr)
         return 1
+
+
+def _unknown_command(argv):
+    """The first positional word when it names no command (global options skipped), else None."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--threads":
+            i += 2
+            continue
+        if word.startswith("-"):
+            i += 1
+            continue
+        return None if word in {n for n, _ in _COMMANDS} else word
+    return None
 
 
 if __name__ == "__main__":
