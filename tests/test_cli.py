@@ -114,3 +114,19 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 141, p.stderr
     assert p.stderr == ""
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "finetune", "classify", "graph"])
+def test_every_command_names_an_unusable_out_folder_the_same_way(command, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    args = {"demo": ["--quick"], "train": ["--data", "builtin:prose"],
+            "finetune": ["--base", str(tmp_path), "--data", "builtin:python"],
+            "classify": [], "graph": []}[command]
+    assert main([command, *args, "--out", str(blocker / "sub")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tinylora {command}: error:") and err.count("\n") == 0
+    what = "run folder" if command == "train" else "output folder"
+    assert f"cannot create the {what} '{blocker / 'sub'}'" in err
+    assert "choose a folder you can write to" in err
+    assert not (blocker.parent / "sub").exists()

@@ -349,6 +349,11 @@ def atomic_write(path, mode: str = "wb"):
                 os.close(dfd)
 
 
+def _folder_error(errno_, strerror, path, what) -> OSError:
+    return OSError(errno_, f"cannot create the {what} {path!r} ({strerror}) — choose a "
+                           "folder you can write to, or fix its permissions")
+
+
 def make_folder(path, what: str = "output folder") -> str:
     """``os.makedirs(path, exist_ok=True)``, failing with one line that names the folder and
     the fix (a path under a regular file, a read-only disk, missing permissions)."""
@@ -356,8 +361,25 @@ def make_folder(path, what: str = "output folder") -> str:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise OSError(e.errno, f"cannot create the {what} {path!r} ({e.strerror}) — choose a "
-                               "folder you can write to, or fix its permissions") from None
+        raise _folder_error(e.errno, e.strerror, path, what) from None
+    return path
+
+
+def check_folder(path, what: str = "output folder") -> str:
+    """The error ``make_folder`` would raise, found without creating anything: the folder (or
+    its nearest existing ancestor) must be a writable directory."""
+    import errno
+    path = os.fspath(path)
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise _folder_error(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path, what)
+    if not os.access(probe, os.W_OK):
+        raise _folder_error(errno.EACCES, os.strerror(errno.EACCES), path, what)
     return path
 
 

@@ -92,6 +92,9 @@ def main(argv=None) -> int:
         if args.threads is not None:
             from ..blas import set_num_threads
             set_num_threads(args.threads)
+        if getattr(args, "out", None):  # every command reports an unusable --out the same way
+            from ..io import check_folder
+            check_folder(args.out, getattr(args, "out_what", "output folder"))
         code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
         return 0 if code is None else int(code)

@@ -30,8 +30,11 @@ def add_seed(p: argparse.ArgumentParser, default: int = 0) -> None:
     p.add_argument("--seed", type=int, default=default, help="random seed (weights, data order, dropout)")
 
 
-def add_out(p: argparse.ArgumentParser, default: str | None, help_text: str = "output folder") -> None:
+def add_out(p: argparse.ArgumentParser, default: str | None, help_text: str = "output folder",
+            what: str = "output folder") -> None:
+    """--out; ``what`` names the folder in the error an unusable path gets (checked up front)."""
     p.add_argument("--out", default=default, help=help_text)
+    p.set_defaults(out_what=what)
 
 
 def add_json(p: argparse.ArgumentParser) -> None:

@@ -36,7 +36,7 @@ def register(sub, name, summary):
                     "Built-in corpora: builtin:prose (English), builtin:python (Python source).")
     p.add_argument("--data", default=None,
                    help="builtin:prose, builtin:python or a UTF-8 text file (on --resume: the run's)")
-    add_out(p, "runs/gpt", "run folder for checkpoints and metrics")
+    add_out(p, "runs/gpt", "run folder for checkpoints and metrics", what="run folder")
     for flag, (_, tp, text) in {**_MODEL_FLAGS, **_TRAIN_FLAGS}.items():
         p.add_argument(flag, type=tp, default=None, help=text)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
