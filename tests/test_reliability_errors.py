@@ -575,3 +575,16 @@ def test_failed_load_quantized_changes_nothing(tmp_path):
     loaded = quant.load_quantized(gpt(n_embd=64), tmp_path / "q4")       # the intact one loads
     x = np.array([[1, 2, 3]])
     assert np.array_equal(loaded(x)[0].numpy(), q(x)[0].numpy())
+
+
+def test_an_adapter_for_a_model_of_another_size_gets_a_short_message(tmp_path):
+    # every tensor is mis-shaped: the message shows a few and the count, not all of them
+    big = gpt(n_layer=3, n_embd=16)
+    lora.inject(big, lora.LoraConfig(r=2, target_modules=["c_attn", "c_proj", "c_fc"]))
+    lora.save_adapter(big, tmp_path / "big")
+    small = gpt(n_layer=3)
+    with pytest.raises(AdapterLoadError) as e:
+        lora.load_adapter(small, tmp_path / "big", check_base=False)
+    msg = one_line(e)
+    assert "has shape" in msg and "such tensors in all" in msg
+    assert msg.count("has shape") == 2 and len(msg) < 500, msg

@@ -198,17 +198,20 @@ def load_adapter(model, adapter_dir, adapter_name: str = "default", *, check_bas
         problems.append(f"missing tensors: {_listing(missing)}")
     if extra:
         problems.append(f"unexpected tensors: {_listing(extra)}")
+    shapes, dtypes = [], []
     for k in sorted(expected.keys() & header.keys()):
         shape, code = tuple(header[k]["shape"]), header[k]["dtype"]
         if shape != expected[k]:
-            problems.append(f"{k.removeprefix(PREFIX)} has shape {shape}, this model needs "
-                            f"{expected[k]}")
+            shapes.append(f"{k.removeprefix(PREFIX)} has shape {shape}, this model needs "
+                          f"{expected[k]}")
         if code not in ("F16", "BF16", "F32", "F64"):
-            problems.append(f"{k.removeprefix(PREFIX)} has dtype {code}; adapter tensors are floats")
+            dtypes.append(f"{k.removeprefix(PREFIX)} has dtype {code}; adapter tensors are floats")
+    for found in (shapes, dtypes):  # a model of another size mis-shapes every tensor: show a few
+        problems += found[:2] + ([f"... {len(found)} such tensors in all"] if len(found) > 2 else [])
     if problems:
         raise AdapterLoadError(f"{w_path} does not fit this model (r={cfg.r}, target_modules="
                                f"{cfg.target_modules!r}); nothing was changed: "
-                               + "; ".join(problems[:8]))
+                               + "; ".join(problems))
     tensors, _ = load_safetensors(w_path)
     for k, a in tensors.items():
         if not np.isfinite(a).all():
