@@ -588,3 +588,13 @@ def test_an_adapter_for_a_model_of_another_size_gets_a_short_message(tmp_path):
     msg = one_line(e)
     assert "has shape" in msg and "such tensors in all" in msg
     assert msg.count("has shape") == 2 and len(msg) < 500, msg
+
+
+def test_a_diverging_run_prints_only_its_one_line(tmp_path):
+    # --lr 1e6 overflows within a few steps; NumPy's RuntimeWarnings must not come first
+    r = _run_cli(["train", "--data", "builtin:prose", "--out", str(tmp_path / "o"), "--lr", "1e6",
+                  "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
+                  "--batch-size", "4", "--max-iters", "40", "--no-progress"])
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("tinylora train: error: non-finite"), r.stderr

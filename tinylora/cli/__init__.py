@@ -12,6 +12,7 @@ import difflib
 import importlib
 import os
 import sys
+import warnings
 
 # (module, one-line description shown by `tinylora --help`), in the order listed there
 _COMMANDS = [
@@ -95,7 +96,12 @@ def main(argv=None) -> int:
         if getattr(args, "out", None):  # every command reports an unusable --out the same way
             from ..io import check_folder
             check_folder(args.out, getattr(args, "out_what", "output folder"))
-        code = args.func(args)
+        with warnings.catch_warnings():
+            # NumPy's overflow/NaN warnings: the trainer checks every step's loss and gradient
+            # itself and stops with one line that says what happened, so they only add noise
+            warnings.filterwarnings("ignore", category=RuntimeWarning,
+                                    message=r"(overflow|invalid value|divide by zero) encountered")
+            code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
         return 0 if code is None else int(code)
     except KeyboardInterrupt:
