@@ -130,3 +130,30 @@ def test_every_command_names_an_unusable_out_folder_the_same_way(command, tmp_pa
     assert f"cannot create the {what} '{blocker / 'sub'}'" in err
     assert "choose a folder you can write to" in err
     assert not (blocker.parent / "sub").exists()
+
+
+# options whose absence is itself the meaning (an input not given), so there is no default to show
+_INPUTS = {"--data", "--base", "--pretrained", "--checkpoint", "--adapter", "--file", "--out"}
+
+
+@pytest.mark.parametrize("path,parser", ALL, ids=[" ".join(p) for p, _ in ALL])
+def test_every_option_without_a_value_default_says_what_happens_when_omitted(path, parser):
+    for action in parser._actions:
+        if not action.option_strings or action.required or action.default is not None:
+            continue
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction,
+                               argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            continue
+        if action.option_strings[-1] in _INPUTS:
+            continue
+        assert "default" in (action.help or ""), (path, action.option_strings)
+
+
+def test_train_shows_the_library_defaults_and_seeds_like_the_others(capsys):
+    from tinylora.train import TrainConfig
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {TrainConfig().lr}; on --resume: the run's)" in out
+    assert "required (except with --resume" in out
+    assert TrainConfig().seed == 0

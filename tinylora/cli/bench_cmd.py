@@ -32,7 +32,7 @@ def _train_run(args) -> list:
 def _one_config(p, default="gpt-6x384") -> None:
     from ..bench import TRAIN_CONFIGS
     p.add_argument("--config", default=default, choices=sorted(TRAIN_CONFIGS), help="configuration")
-    p.add_argument("--threads", type=int, default=None, help="cap BLAS threads")
+    p.add_argument("--threads", type=int, default=None, help="cap BLAS threads (default: the library's own setting)")
 
 
 def _lora_args(p) -> None:
@@ -68,7 +68,7 @@ def _qlora_run(args) -> list:
 
 
 def _encode_args(p) -> None:
-    p.add_argument("--threads", type=int, default=None, help="cap BLAS threads")
+    p.add_argument("--threads", type=int, default=None, help="cap BLAS threads (default: the library's own setting)")
     p.add_argument("--batch-size", type=int, default=32, help="sentences per batch")
 
 

@@ -14,7 +14,7 @@ def register(sub, name, summary):
     add_seed(p)
     add_json(p)
     p.add_argument("--op", action="append", default=None,
-                   help="only check ops with this name (repeatable)")
+                   help="only check ops with this name (repeatable; default: every op)")
     p.add_argument("--tol", type=float, default=1e-6,
                    help="a case passes when its relative error is at most this (and allclose holds)")
     p.set_defaults(func=run)

@@ -1,6 +1,8 @@
 """`tinylora train`: train a character-level GPT on a built-in corpus or a text file."""
 from __future__ import annotations
 
+from dataclasses import fields
+
 from .common import add_command, add_json, add_out, print_json
 
 # flag -> (GPTConfig field, type, help); default None = GPT_DEFAULTS (or the saved run's value)
@@ -17,7 +19,7 @@ _TRAIN_FLAGS = {
     "--grad-accum": ("grad_accum_steps", int, "micro-batches per optimizer step"),
     "--max-iters": ("max_iters", int, "optimizer steps in all (a resumed run continues to this)"),
     "--lr": ("lr", float, "peak learning rate (AdamW)"),
-    "--min-lr": ("min_lr", float, "learning rate at the end of the cosine decay (default lr/10)"),
+    "--min-lr": ("min_lr", float, "learning rate at the end of the cosine decay"),
     "--warmup": ("warmup_iters", int, "linear warmup steps"),
     "--weight-decay": ("weight_decay", float, "AdamW decoupled weight decay (matrices only)"),
     "--grad-clip": ("grad_clip", float, "max global gradient norm (0 = off)"),
@@ -34,11 +36,18 @@ def register(sub, name, summary):
                     "(latest.json points at the newest), metrics to OUT/metrics.jsonl. --resume "
                     "continues the run in OUT exactly where its latest checkpoint left off. "
                     "Built-in corpora: builtin:prose (English), builtin:python (Python source).")
+    from ..train import GPT_DEFAULTS, TrainConfig
     p.add_argument("--data", default=None,
-                   help="builtin:prose, builtin:python or a UTF-8 text file (on --resume: the run's)")
+                   help="required (except with --resume, which uses the run's): builtin:prose, "
+                        "builtin:python or a UTF-8 text file")
     add_out(p, "runs/gpt", "run folder for checkpoints and metrics", what="run folder")
-    for flag, (_, tp, text) in {**_MODEL_FLAGS, **_TRAIN_FLAGS}.items():
-        p.add_argument(flag, type=tp, default=None, help=text)
+    # None means "the library's default, or on --resume the saved run's": show the former
+    defaults = {**GPT_DEFAULTS, **{f.name: f.default for f in fields(TrainConfig)}}
+    for flag, (field, tp, text) in {**_MODEL_FLAGS, **_TRAIN_FLAGS}.items():
+        shown = defaults.get(field)
+        shown = "lr/10" if field == "min_lr" else shown
+        p.add_argument(flag, type=tp, default=None,
+                       help=f"{text} (default: {shown}; on --resume: the run's)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip steps whose loss or gradient is NaN/Inf instead of stopping")
