@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -32,7 +34,8 @@ from .io import FormatError, atomic_write_text, load_json, make_folder
 from .optim import AdamW, clip_grad_norm_, cosine_lr, grad_norm, load_optimizer, param_groups
 from .tensor import no_grad
 
-__all__ = ["TrainConfig", "Trainer", "TrainResult", "NonFiniteError", "estimate_loss"]
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "NonFiniteError", "TrainingInterrupted",
+           "estimate_loss"]
 
 
 @dataclass
@@ -76,6 +79,42 @@ class NonFiniteError(RuntimeError):
         self.step, self.checkpoint = step, checkpoint
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM during ``Trainer.train``: the step that was running finished,
+    and a checkpoint of it was written (when the trainer has a run folder)."""
+
+    def __init__(self, step: int, checkpoint: str | None, signame: str):
+        self.step, self.checkpoint, self.signame = step, checkpoint, signame
+        where = f"; checkpoint {checkpoint}" if checkpoint else "; no run folder, nothing saved"
+        super().__init__(f"{signame} at step {step}{where}")
+
+
+class _StopRequests:
+    """While training, the first SIGINT/SIGTERM only asks to stop (``.signal`` is read after
+    each step), so the step finishes and a checkpoint is written; a second one stops at once
+    (KeyboardInterrupt), leaving the last checkpoint whole (saves are atomic)."""
+
+    def __init__(self):
+        self.signal, self._old = None, {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return                                   # handlers can only be set in the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+
 @dataclass
 class TrainResult:
     step: int                                    # optimizer steps completed
@@ -85,6 +124,7 @@ class TrainResult:
     tokens_seen: int = 0
     checkpoint: str | None = None                # the last checkpoint written
     elapsed_s: float = 0.0
+    start_step: int = 0                          # where this call began (> 0 on a resume)
 
     @property
     def val_loss(self):
@@ -260,7 +300,7 @@ class Trainer:
                 raise OSError(e.errno, f"cannot write {path!r} ({e.strerror}) — choose a run "
                                        "folder you can write to") from None
         ckpt_every = c.eval_interval if c.checkpoint_interval is None else c.checkpoint_interval
-        result = TrainResult(step=self.step, skipped=self.skipped)
+        result = TrainResult(step=self.step, skipped=self.skipped, start_step=self.step)
         tokens_per_step = c.batch_size * self.block_size * c.grad_accum_steps
         bar = tqdm(total=c.max_iters, initial=self.step, disable=not c.progress, unit="step",
                    dynamic_ncols=True, leave=True)
@@ -273,6 +313,8 @@ class Trainer:
         deferred = backend.on_device() and not c.skip_nonfinite
         pending = []                                   # (step, loss sum, grad norm) on the device
         self.model.train()
+        stop = _StopRequests()
+        stop.install()
         try:
             if self.step == 0 and c.eval_interval and c.max_iters:
                 self.evaluate()
@@ -322,7 +364,15 @@ class Trainer:
                                   f"val loss {rec['val_loss']:.4f}")
                 if save_due:
                     self.save()
+                if stop.signal is not None and not end:
+                    if pending:
+                        self._read_pending(pending, result)
+                    if self.out_dir and not save_due:
+                        self.save()
+                    raise TrainingInterrupted(self.step, self.checkpoint if self.out_dir else None,
+                                              stop.signal)
         finally:
+            stop.restore()
             bar.close()
             if self._metrics is not None:
                 self._metrics.close()

@@ -104,8 +104,15 @@ def main(argv=None) -> int:
             code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
         return 0 if code is None else int(code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        from ..train import TrainingInterrupted
+        if isinstance(exc, TrainingInterrupted) and exc.checkpoint:
+            again = getattr(args, "resume_hint", None)
+            hint = f"; continue with: {again.format(out=args.out)}" if again else ""
+            print(f"tinylora {args.command}: interrupted ({exc.signame}) after step {exc.step}; "
+                  f"checkpoint saved to {exc.checkpoint}{hint}", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # the reader went away (`tinylora adapters list --json | head`): stop quietly, and

@@ -53,7 +53,7 @@ def register(sub, name, summary):
                    help="skip steps whose loss or gradient is NaN/Inf instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, resume_hint="tinylora train --out {out} --resume")
 
 
 def run(args) -> int:
@@ -73,13 +73,17 @@ def run(args) -> int:
         raise ValueError("--data is required: builtin:prose, builtin:python or a text file")
     model, tok, result = train_gpt(args.data, args.out, model_args=model_args,
                                    train_args=train_args, resume=args.resume)
-    summary = {"steps": result.step, "params": model.num_parameters(),
+    summary = {"steps": result.step, "start_step": result.start_step, "params": model.num_parameters(),
                "vocab_size": tok.vocab_size, "skipped_steps": result.skipped,
                "first_eval": result.evals[0] if result.evals else None,
                "last_eval": result.evals[-1] if result.evals else None,
                "checkpoint": result.checkpoint, "seconds": round(result.elapsed_s, 2)}
     if args.json:
         print_json(summary)
+        return 0
+    if args.resume and result.step == result.start_step:
+        print(f"the run in {args.out} is already finished (step {result.step}); nothing to do — "
+              "give a larger --max-iters to train further")
         return 0
     print(f"trained {result.step} steps ({model.num_parameters():,} parameters) in "
           f"{result.elapsed_s:.1f}s" + (f", {result.skipped} non-finite steps skipped"
