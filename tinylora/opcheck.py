@@ -13,15 +13,17 @@ tests/test_ops_gradcheck.py fails on them). Names bound to the same function (``
 
 Adding an op? Add its cases to ``all_cases()``:
 
-    c += [OpCase("rms_norm", ((2, 3, 6), (6,)), lambda x, w: F.rms_norm(x, w)),
-          OpCase("rms_norm(eps)", ((4, 6), (6,)), lambda x, w: F.rms_norm(x, w, eps=1e-3))]
+    c += [OpCase("rms_norm", ((2, 3, 6), (6,)), lambda x, w: F.rms_norm(x, (6,), w)),
+          OpCase("rms_norm(eps)", ((4, 6), (6,)), lambda x, w: F.rms_norm(x, (6,), w, 1e-3))]
 
 ``op`` is the public name, optionally with a variant in parentheses ("gelu(tanh)"); one float64
 input is drawn per shape (requires_grad=True); ``fn`` returns one Tensor. Optional fields:
 ``positive`` (inputs in (0.5, 2): logs, roots, denominators), ``draw`` (your own inputs, e.g.
 values kept away from a kink such as clamp's bounds, or ties), ``eps`` (the finite-difference
-step). Ops declared with ``@dispatch.op`` are also checked with ``tl.kernels_mode("reference")``,
-so the definition a reader studies is the one the finite differences prove.
+step). The suite also runs each case on float32 inputs and requires float32 outputs and
+gradients, so ``fn`` must keep its input's dtype. Ops declared with ``@dispatch.op`` are also
+checked with ``tl.kernels_mode("reference")``, so the definition a reader studies is the one
+the finite differences prove. ``tinylora gradcheck --op NAME`` runs one op's cases, variants included.
 """
 from __future__ import annotations
 
