@@ -23,7 +23,7 @@ def register(sub, name, summary):
 def run(args) -> int:
     from ..opcheck import all_cases, run_case
 
-    cases = [c for c in all_cases() if not args.op or c.op in args.op]
+    cases = [c for c in all_cases() if not args.op or c.op in args.op or c.name in args.op]
     if not cases:
         raise ValueError(f"no op named {args.op}; see `tinylora gradcheck` for the list")
     rows, t0 = [], time.perf_counter()
@@ -33,11 +33,13 @@ def run(args) -> int:
         rows.append({"op": case.op, "shapes": case.label,
                      "max_rel_err": float(report.max_rel_err), "pass": "yes" if ok else "NO"})
     failed = [r for r in rows if r["pass"] != "yes"]
+    n_ops = len({c.name for c in cases})
     if args.json:
-        print_json({"cases": rows, "failed": len(failed), "tolerance": args.tol,
+        print_json({"cases": rows, "ops": n_ops, "failed": len(failed), "tolerance": args.tol,
                     "seconds": round(time.perf_counter() - t0, 2)})
     else:
         print(table(rows, ["op", "shapes", "max_rel_err", "pass"]))
-        print(f"\n{len(rows) - len(failed)}/{len(rows)} cases pass (relative error <= {args.tol:g}, "
+        print(f"\n{len(rows) - len(failed)}/{len(rows)} cases of {n_ops} ops pass "
+              f"(relative error <= {args.tol:g}, "
               f"float64, {time.perf_counter() - t0:.1f}s)")
     return 1 if failed else 0
