@@ -75,12 +75,13 @@ def _attend(Q, K, V, mask, dropout_p, is_causal, c):
     """O = attention(Q, K, V) over the last two axes (leading axes broadcast), and its
     backward: dO -> (dQ, dK, dV) in the broadcast shape."""
     T, S = Q.shape[-2], K.shape[-2]
-    keep = None                                       # boolean mask: True = may attend
     Qs = Q * c
     scores = Qs @ _mT(K)                              # (..., T, S)
-    if mask is not None and mask.dtype == bool:       # masked scores become one constant, so
-        keep = mask & xp.tri(T, S, S - T, dtype=bool) if is_causal else mask   # a fully masked
-        scores = xp.where(keep, scores, scores.dtype.type(masked_value(scores.dtype)))  # row is uniform
+    keep = None                                       # a boolean mask: True = may attend
+    if mask is not None and mask.dtype == bool:
+        keep = mask & xp.tri(T, S, S - T, dtype=bool) if is_causal else mask
+        # masked scores become one constant, so a fully masked row is uniform
+        scores = xp.where(keep, scores, scores.dtype.type(masked_value(scores.dtype)))
     else:
         if is_causal:
             scores = scores + causal_bias(T, S, Q.dtype)
@@ -98,7 +99,7 @@ def _attend(Q, K, V, mask, dropout_p, is_causal, c):
         if drop is not None:
             dP = dP * drop
         dS = P * (dP - (G * O).sum(axis=-1, keepdims=True))
-        if keep is not None:  # a masked score is a constant: no gradient (matters in full-masked rows)
+        if keep is not None:  # a masked score is a constant: no gradient (fully masked rows)
             dS = xp.where(keep, dS, dS.dtype.type(0))
         return (dS @ K) * c, _mT(dS) @ Qs, dV
     return O, backward

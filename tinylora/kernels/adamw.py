@@ -12,7 +12,8 @@ from ..backend import xp
 from .blocking import block_rows, blocks
 
 
-# p ← p·(1 − lr·wd);  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;  p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)
+# p ← p·(1 − lr·wd);  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;
+# p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)   (the bias corrections folded into scalars)
 def adamw_update(P, g, m, v, *, step: int, lr: float, betas, eps: float, weight_decay: float):
     dt = P.dtype.type
     b1, b2 = betas

@@ -93,7 +93,7 @@ def _backward(G, Qs, K, V, O, P, drop, c, dQ, dK, dV, mask=None, is_causal=False
         ds -= (g * O[r]).sum(axis=-1, keepdims=True)   # - D
         ds *= p                                        # dS / c is folded into dQ and Qs
         keep = _keep(mask, r, B, T, S, is_causal) if mask is not None else None
-        if keep is not None:  # a masked score is a constant: no gradient (matters in full-masked rows)
+        if keep is not None:  # a masked score is a constant: no gradient (fully masked rows)
             xp.copyto(ds, ds.dtype.type(0), where=~keep)
         if dQ is not None:
             xp.matmul(ds, K[r], out=dQ[r])

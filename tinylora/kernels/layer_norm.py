@@ -10,7 +10,8 @@ from .blocking import blocks
 
 
 # x̂ = (x - μ) / √(σ² + ε),  y = x̂ ⊙ w + b
-#   ->  dx = (dx̂ - mean(dx̂) - x̂ ⊙ mean(dx̂ ⊙ x̂)) / √(σ² + ε),  dw = Σ_rows dy ⊙ x̂,  db = Σ_rows dy
+#   ->  dx = (dx̂ - mean(dx̂) - x̂ ⊙ mean(dx̂ ⊙ x̂)) / √(σ² + ε),  dx̂ = dy ⊙ w
+#       dw = Σ_rows dy ⊙ x̂,  db = Σ_rows dy
 def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     shape, N = check_layer_norm(x, normalized_shape, weight, bias)
