@@ -16,7 +16,8 @@ from tinylora import nn
 from tinylora.backend import np
 from tinylora.io import FormatError, load_safetensors, save_safetensors
 from tinylora.models import hub
-from tinylora.models.bert import BertConfig, BertLoadError, BertModel, _gelu_erf_inference_
+from tinylora.kernels.gelu import _gelu_erf_inference
+from tinylora.models.bert import BertConfig, BertLoadError, BertModel
 from tinylora.models.sentence import mean_pool
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "minilm"
@@ -109,11 +110,14 @@ def test_padding_does_not_change_real_tokens(minilm, reference):
 def test_inference_gelu_matches_exact_gelu():
     x = np.linspace(-12, 12, 70007).astype(np.float32).reshape(7, 10001)
     exact = tl.functional.gelu(tl.tensor(x.astype(np.float64))).numpy()
-    fast = tl.backend.to_numpy(_gelu_erf_inference_(tl.backend.asarray(x.copy())))
+    fast = tl.backend.to_numpy(_gelu_erf_inference(tl.backend.asarray(x.copy())))
     assert np.abs(fast - exact).max() <= 1e-6
+    with tl.no_grad(), tl.kernels_mode("fast"):  # F.gelu takes this kernel in float32 inference
+        assert np.array_equal(tl.functional.gelu(tl.tensor(x)).numpy(), fast)
     view = np.ones((4, 6), np.float32)[:, ::2]  # a strided input is not written through
-    got = tl.backend.to_numpy(_gelu_erf_inference_(tl.backend.asarray(view)))
+    got = tl.backend.to_numpy(_gelu_erf_inference(tl.backend.asarray(view)))
     assert np.allclose(got, tl.functional.gelu(tl.tensor(view)).numpy())
+    assert np.array_equal(view, np.ones((4, 3), np.float32))
 
 
 def test_forward_input_errors(minilm):

@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # the slow end-to-end ones (sentence, demo, examples: minutes), and test_reliability_fuzz.py
 # until ops/shape.py's boolean-mask indexing copies a host mask to the device before
 # xp.nonzero (the guard finds that bug; see docs/gpu.md).
-GUARDED = ["tests/test_engine.py", "tests/test_ops_gradcheck.py", "tests/test_broadcast_props.py",
-           "tests/test_optim.py", "tests/test_nf4.py", "tests/test_linear4bit.py",
-           "tests/test_qlora.py", "tests/test_lora_layers.py", "tests/test_lora_inject.py",
+GUARDED = ["tests/test_engine.py", "tests/test_ops_gradcheck.py", "tests/test_kernels.py",
+           "tests/test_broadcast_props.py", "tests/test_optim.py", "tests/test_nf4.py",
+           "tests/test_linear4bit.py", "tests/test_qlora.py", "tests/test_lora_layers.py", "tests/test_lora_inject.py",
            "tests/test_lora_merge.py", "tests/test_lora_adapters.py", "tests/test_lora_multi.py",
            "tests/test_lora_gpt.py", "tests/test_lora_qlora.py", "tests/test_gpt.py",
            "tests/test_train.py", "tests/test_reliability_resume.py",

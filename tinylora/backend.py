@@ -140,13 +140,6 @@ def on_device() -> bool:
     return _device in ("cuda", "guard")
 
 
-def cache_block(values: int) -> int:
-    """How many values one blocked pass should cover. On the CPU ``values`` (a block that
-    stays in cache through all of an op's passes); on a device everything at once, since
-    there each pass is a kernel launch and blocking only multiplies launches."""
-    return sys.maxsize if on_device() else values
-
-
 # ----------------------------------------------------------------------------- dtypes
 
 _default_dtype = np.dtype(np.float32)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 
-from . import backend
+from . import backend, dispatch
 from .backend import xp
 from .tensor import Tensor, no_grad
 
@@ -220,9 +220,6 @@ class SGD(Optimizer):
         P -= dt(group["lr"]) * g
 
 
-_BLOCK = 1 << 16  # values per block of the fused update (stays in cache)
-
-
 class AdamW(Optimizer):
     """Adam with decoupled weight decay (Loshchilov & Hutter), PyTorch's AdamW:
 
@@ -246,39 +243,25 @@ class AdamW(Optimizer):
         return {"step": 0, "exp_avg": xp.zeros_like(p.data), "exp_avg_sq": xp.zeros_like(p.data)}
 
     def _update(self, P, g, st, group):
-        dt = P.dtype.type
-        lr, (b1, b2), t = group["lr"], group["betas"], st["step"]
-        bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
-        decay = dt(1.0 - lr * group["weight_decay"]) if group["weight_decay"] else None
-        c1, c2, rs2 = dt(1.0 - b1), dt(1.0 - b2), dt(1.0 / math.sqrt(bc2))
-        eps, step_size = dt(group["eps"]), dt(lr / bc1)
-        if not P.flags.c_contiguous:  # blocks need flat views; parameters are contiguous
-            raise ValueError("AdamW: parameters must be contiguous arrays")
-        Pf, gf = P.reshape(-1), xp.ascontiguousarray(g).reshape(-1)
-        mf, vf = st["exp_avg"].reshape(-1), st["exp_avg_sq"].reshape(-1)
-        # block by block, so the ~10 passes below run on data that stays in cache (on a GPU
-        # one block: there each pass is a kernel launch)
-        block = max(1, min(Pf.size, backend.cache_block(_BLOCK)))
-        tmp = xp.empty(block, dtype=P.dtype)
-        for lo in range(0, Pf.size, block):
-            b = slice(lo, lo + block)
-            p, gr, m, v = Pf[b], gf[b], mf[b], vf[b]
-            u = tmp[:p.size]
-            if decay is not None:
-                p *= decay                           # p ← p·(1 − lr·wd)
-            m *= dt(b1)                              # m ← β₁m + (1−β₁)g
-            xp.multiply(gr, c1, out=u)
-            m += u
-            v *= dt(b2)                              # v ← β₂v + (1−β₂)g²
-            xp.multiply(gr, gr, out=u)
-            u *= c2
-            v += u
-            xp.sqrt(v, out=u)                        # √v̂ + ε = √v / √(1−β₂ᵗ) + ε
-            u *= rs2
-            u += eps
-            xp.divide(m, u, out=u)                   # p ← p − lr/(1−β₁ᵗ) · m / (√v̂ + ε)
-            u *= step_size
-            p -= u
+        adamw_update(P, g, st["exp_avg"], st["exp_avg_sq"], step=st["step"], lr=group["lr"],
+                     betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
+
+
+# p ← p·(1 − lr·wd);  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;  p ← p − lr · m̂ / (√v̂ + ε),
+# with the bias corrections m̂ = m / (1−β₁ᵗ), v̂ = v / (1−β₂ᵗ)
+@dispatch.op("adamw")
+def adamw_update(p, g, m, v, *, step: int, lr: float, betas, eps: float, weight_decay: float):
+    """One AdamW step on arrays: p, m and v are updated in place (every scalar in p's dtype).
+
+    The fast version (kernels/adamw.py) makes the same passes block by block, in cache."""
+    dt, (b1, b2) = p.dtype.type, betas
+    if weight_decay:
+        p *= dt(1.0 - lr * weight_decay)
+    m[...] = dt(b1) * m + dt(1.0 - b1) * g
+    v[...] = dt(b2) * v + dt(1.0 - b2) * g * g
+    m_hat = m / dt(1.0 - b1 ** step)
+    v_hat = v / dt(1.0 - b2 ** step)
+    p -= dt(lr) * m_hat / (xp.sqrt(v_hat) + dt(eps))
 
 
 # ----------------------------------------------------------------------------- clipping
@@ -441,3 +424,6 @@ def _check_state(meta, tensors, optimizer: Optimizer) -> None:
             a = tensors.get(f"state.{key}.{k}")
             if a is None or a.dtype.kind != "f":
                 raise ValueError(f"state.{key}.{k} is missing or not a float tensor")
+
+
+from .kernels import adamw as _adamw_kernel  # noqa: E402,F401  (registers the fast update)

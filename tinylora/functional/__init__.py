@@ -2,6 +2,7 @@
 
 Fused ops with one hand-derived backward each (softmax, log_softmax, cross_entropy,
 layer_norm, attention, embedding, dropout), plus the pointwise ops re-exported from ``ops``.
+These are the reference definitions; fast versions of some live in ``tinylora.kernels``.
 """
 from __future__ import annotations
 

@@ -1,25 +1,13 @@
 """layer_norm, embedding and dropout: fused ops with hand-derived backwards."""
 from __future__ import annotations
 
-from .. import backend
+from .. import backend, dispatch
 from ..backend import xp
 from ..tensor import Tensor, make_result
 
 
-_ROW_BLOCK = 1 << 16  # values per block: the passes over one block of rows stay in cache
-
-
-def _row_blocks(rows: int, n: int):
-    step = max(1, backend.cache_block(_ROW_BLOCK) // max(n, 1))
-    for lo in range(0, rows, step):
-        yield slice(lo, min(rows, lo + step))
-
-
-# x̂ = (x - μ) / √(σ² + ε),  y = x̂ ⊙ w + b   (over the last len(normalized_shape) axes, N values)
-#   ->  dx̂ = dy ⊙ w,   dx = (dx̂ - mean(dx̂) - x̂ ⊙ mean(dx̂ ⊙ x̂)) / √(σ² + ε)
-#       dw = Σ_rows dy ⊙ x̂,   db = Σ_rows dy
-def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None,
-               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+def check_layer_norm(x: Tensor, normalized_shape, weight, bias):
+    """normalized_shape as a tuple, and N, the values per normalised group (checked)."""
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     k = len(shape)
     if tuple(x.shape[x.ndim - k:]) != shape:
@@ -30,55 +18,37 @@ def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None,
     N = 1
     for n in shape:
         N *= n
+    return shape, N
+
+
+# x̂ = (x - μ) / √(σ² + ε),  y = x̂ ⊙ w + b   (over the last len(normalized_shape) axes, N values)
+#   ->  dx̂ = dy ⊙ w,   dx = (dx̂ - mean(dx̂) - x̂ ⊙ mean(dx̂ ⊙ x̂)) / √(σ² + ε)
+#       dw = Σ_rows dy ⊙ x̂,   db = Σ_rows dy
+@dispatch.op("layer_norm")
+def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """The fast version (kernels/layer_norm.py) runs these passes block by block, in cache."""
+    shape, N = check_layer_norm(x, normalized_shape, weight, bias)
     X = x.data.reshape(-1, N)                        # (rows, N): one row per normalised group
-    rows, dt = X.shape[0], X.dtype.type
-    w = None if weight is None else weight.data.reshape(N)
-    b = None if bias is None else bias.data.reshape(N)
-    xhat = xp.empty_like(X)
-    y = xp.empty_like(X)
-    rstd = xp.empty((rows, 1), dtype=X.dtype)
-    for r in _row_blocks(rows, N):                   # the passes run block by block, in cache
-        xh, yr = xhat[r], y[r]
-        xp.subtract(X[r], X[r].mean(axis=1, keepdims=True), out=xh)
-        xp.multiply(xh, xh, out=yr)                  # y as scratch for (x - μ)²
-        rs = rstd[r]
-        xp.sqrt(yr.mean(axis=1, keepdims=True) + dt(eps), out=rs)
-        xp.divide(1, rs, out=rs)
-        xh *= rs
-        if w is None:
-            yr[...] = xh
-        else:
-            xp.multiply(xh, w, out=yr)
-            if b is not None:
-                yr += b
+    xc = X - X.mean(axis=1, keepdims=True)
+    rstd = 1 / xp.sqrt((xc * xc).mean(axis=1, keepdims=True) + X.dtype.type(eps))
+    xhat = xc * rstd
+    y = xhat
+    if weight is not None:
+        y = y * weight.data.reshape(N)
+    if bias is not None:
+        y = y + bias.data.reshape(N)
 
     def backward(g):
-        G = xp.ascontiguousarray(g).reshape(-1, N)
-        need_dx = x.requires_grad
-        dx = xp.empty_like(X) if need_dx else None
-        dw = xp.zeros(N, dtype=X.dtype) if w is not None and weight.requires_grad else None
-        db = G.sum(axis=0) if b is not None and bias.requires_grad else None
-        for r in _row_blocks(rows, N):
-            gr, xh = G[r], xhat[r]
-            if dw is not None:
-                dw += (gr * xh).sum(axis=0)
-            if not need_dx:
-                continue
-            d = dx[r]
-            if w is None:
-                d[...] = gr
-            else:
-                xp.multiply(gr, w, out=d)            # dx̂
-            m1 = d.mean(axis=1, keepdims=True)
-            m2 = (d * xh).mean(axis=1, keepdims=True)
-            d -= m1
-            d -= xh * m2
-            d *= rstd[r]
-        grads = [None if dx is None else dx.reshape(x.shape)]
-        if w is not None:
-            grads.append(None if dw is None else dw.reshape(shape))
-        if b is not None:
-            grads.append(None if db is None else db.reshape(shape))
+        G = g.reshape(-1, N)
+        dxhat = G if weight is None else G * weight.data.reshape(N)
+        dx = (dxhat - dxhat.mean(axis=1, keepdims=True)
+              - xhat * (dxhat * xhat).mean(axis=1, keepdims=True)) * rstd
+        grads = [dx.reshape(x.shape) if x.requires_grad else None]
+        if weight is not None:
+            grads.append((G * xhat).sum(axis=0).reshape(shape) if weight.requires_grad else None)
+        if bias is not None:
+            grads.append(G.sum(axis=0).reshape(shape) if bias.requires_grad else None)
         return tuple(grads)
     parents = tuple(t for t in (x, weight, bias) if t is not None)
     saved = () if weight is None else (weight,)

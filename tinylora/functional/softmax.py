@@ -10,21 +10,15 @@ from ..backend import xp
 from ..tensor import Tensor, make_result
 
 
-def _softmax_array(X, dim):
-    e = X - X.max(axis=dim, keepdims=True)
-    xp.exp(e, out=e)
-    e /= e.sum(axis=dim, keepdims=True)
-    return e
-
-
 # y = e^x / Σ e^x  ->  dx = y ⊙ (dy - Σ(dy ⊙ y))      (the Jacobian diag(y) - y yᵀ applied to dy)
 def softmax(x: Tensor, dim: int = -1) -> Tensor:
-    y = _softmax_array(x.data, dim)
+    X = x.data
+    e = xp.exp(X - X.max(axis=dim, keepdims=True))   # the row maximum keeps exp finite
+    y = e / e.sum(axis=dim, keepdims=True)
 
     def backward(g):
         gy = g * y
-        gy -= y * gy.sum(axis=dim, keepdims=True)
-        return (gy,)
+        return (gy - y * gy.sum(axis=dim, keepdims=True),)
     return make_result(y, (x,), backward, "softmax")
 
 
@@ -68,9 +62,8 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100,
         raise IndexError(f"cross_entropy: target ids must lie in [0, {C}) or equal "
                          f"ignore_index={ignore_index}; got min {int(tv.min())}, max {int(tv.max())}")
     m = Z2.max(axis=1, keepdims=True)
-    p = Z2 - m
-    xp.exp(p, out=p)
-    s = p.sum(axis=1, keepdims=True)
+    e = xp.exp(Z2 - m)
+    s = e.sum(axis=1, keepdims=True)
     lse = (xp.log(s) + m)[:, 0]
     rows = xp.arange(Z2.shape[0])
     nll = lse - Z2[rows, tv]
@@ -87,7 +80,7 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100,
         loss = nll.reshape(T.shape)
 
     def backward(g):
-        d = p / s                                    # softmax(z)
+        d = e / s                                    # softmax(z)
         if label_smoothing:
             d -= label_smoothing / C
             d[rows, tv] -= 1 - label_smoothing

@@ -9,4 +9,6 @@ TINYLORA_KERNELS=reference) turns them all off.
 """
 from __future__ import annotations
 
-# each kernel module registers itself on import
+# each kernel module registers itself on import; kernels.adamw registers when tinylora.optim
+# (which defines that op, above this package) imports it
+from . import attention, gelu, layer_norm  # noqa: E402,F401

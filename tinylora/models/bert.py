@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import math
 import pathlib
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ from ..backend import np, xp
 from ..io import (FormatError, config_from_dict, load_json, load_safetensors,
                   read_safetensors_header)
 from ..ops import cat
-from ..tensor import Tensor, is_grad_enabled
+from ..tensor import Tensor
 
 __all__ = ["BertConfig", "BertModel", "BertLoadError"]
 
@@ -119,47 +118,6 @@ def _embedding(n: int, dim: int) -> nn.Embedding:
     return emb
 
 
-# Inference GELU, float32, in place. The FFN activation is BERT's largest tensor, and the
-# composed erf makes ~20 passes over it; here those passes run over blocks of rows small
-# enough to stay in cache, into reused buffers. The form needs erfc only where it is small:
-#   gelu(x) = x Φ(x) = relu(x) - ½|x| erfc(|x|/√2),
-#   erfc(z) ≈ t (a1 + a2 t + .. + a5 t⁴) e^(-z²),  t = 1/(1 + p z)   (Abramowitz & Stegun
-#   7.1.26, |error| ≤ 1.5e-7, the float32 erf of backend.erf)
-_AS_P = 0.3275911
-_AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
-_GELU_BLOCK = 32768  # values per block: 128 kB buffers, which stay in L1/L2 cache
-
-
-def _gelu_erf_inference_(h):
-    h = xp.ascontiguousarray(h)                                      # so flat is a view of h
-    flat = h.reshape(-1)
-    n = flat.size
-    step = min(n, _GELU_BLOCK)
-    f32 = np.float32
-    p, half = f32(_AS_P / math.sqrt(2.0)), [f32(0.5 * a) for a in _AS_A]  # z = |x|/√2 folded in
-    a_buf, t_buf, acc_buf = (xp.empty(step, dtype=h.dtype) for _ in range(3))
-    for lo in range(0, n, step):
-        x = flat[lo:lo + step]
-        k = x.size
-        a, t, acc = a_buf[:k], t_buf[:k], acc_buf[:k]
-        xp.abs(x, out=a)                                             # |x|
-        xp.multiply(a, p, out=t)
-        t += 1
-        xp.reciprocal(t, out=t)                                      # t = 1/(1 + p|x|/√2)
-        xp.multiply(t, half[4], out=acc)                             # Horner: ½ Σ a_i t^i
-        for c in half[3::-1]:
-            acc += c
-            acc *= t
-        xp.multiply(a, a, out=t)
-        t *= f32(-0.5)
-        xp.exp(t, out=t)                                             # e^(-x²/2)
-        acc *= t
-        acc *= a                                                     # ½|x| erfc(|x|/√2)
-        xp.maximum(x, 0, out=x)
-        x -= acc
-    return h
-
-
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -233,9 +191,6 @@ class BertIntermediate(nn.Module):
         h = self.dense(x)                                            # (B, T, 4H)
         if self.act == "relu":
             return F.relu(h)
-        if (self.act == "erf" and not is_grad_enabled() and h.dtype == np.float32
-                and not backend.is_cuda()):  # CuPy's erf is one fused kernel already
-            return Tensor._wrap(_gelu_erf_inference_(h.data))       # nothing else holds h
         return F.gelu(h, approximate="none" if self.act == "erf" else "tanh")
 
     def extra_repr(self):

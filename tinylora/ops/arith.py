@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .. import backend
+from .. import backend, dispatch
 from ..backend import xp
 from ..tensor import Tensor, make_result
 from ._util import lift, pair, unbroadcast
@@ -209,8 +209,11 @@ _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
+@dispatch.op("gelu")
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
-    """GELU(x) = x·Φ(x). approximate="none": exact erf (BERT); "tanh": GPT-2's form."""
+    """GELU(x) = x·Φ(x). approximate="none": exact erf (BERT); "tanh": GPT-2's form.
+
+    The fast version (kernels/gelu.py) makes the same passes block by block, in cache."""
     if approximate == "tanh":
         return _gelu_tanh(x)
     if approximate != "none":
@@ -218,92 +221,28 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     return _gelu_erf(x)
 
 
-# GELU's passes run over cache-sized blocks of the flattened array: each block stays in L2
-# through all of them, about twice as fast as whole-array passes through memory.
-_BLOCK = 1 << 16
-
-
-def _block_size(n: int) -> int:
-    return max(1, min(n, backend.cache_block(_BLOCK)))
-
-
-def _blocks(n: int):
-    step = _block_size(n)
-    for lo in range(0, n, step):
-        yield slice(lo, min(n, lo + step))
-
-
 # y = x Φ(x), Φ(x) = (1 + erf(x/√2)) / 2  ->  dx = dy * (Φ(x) + x φ(x)), φ(x) = e^(-x²/2)/√(2π)
 def _gelu_erf(x: Tensor) -> Tensor:
-    X = xp.ascontiguousarray(x.data)
-    Xf, dt = X.reshape(-1), X.dtype.type
-    cdf = xp.empty_like(Xf)
-    y = xp.empty_like(Xf)
-    for b in _blocks(Xf.size):
-        c = cdf[b]
-        c[...] = backend.erf(Xf[b] * dt(_INV_SQRT_2))
-        c += 1
-        c *= 0.5
-        xp.multiply(Xf[b], c, out=y[b])
+    X, dt = x.data, x.data.dtype.type
+    cdf = (backend.erf(X * dt(_INV_SQRT_2)) + 1) * 0.5
 
     def backward(g):
-        gf = xp.ascontiguousarray(g).reshape(-1)
-        dx = xp.empty_like(Xf)
-        for b in _blocks(Xf.size):
-            xs, d = Xf[b], dx[b]
-            xp.multiply(xs, xs, out=d)
-            d *= -0.5
-            xp.exp(d, out=d)
-            d *= dt(_INV_SQRT_2PI)
-            d *= xs
-            d += cdf[b]
-            d *= gf[b]
-        return (dx.reshape(X.shape),)
-    return make_result(y.reshape(X.shape), (x,), backward, "gelu", (x,))
+        pdf = xp.exp(X * X * -0.5) * dt(_INV_SQRT_2PI)
+        return (g * (cdf + X * pdf),)
+    return make_result(X * cdf, (x,), backward, "gelu", (x,))
 
 
-# y = x (1 + tanh(u)) / 2, u = √(2/π)(x + 0.044715 x³)
-#   ->  dx = dy * [(1 + t)/2 + x (1 - t²) √(2/π)(1 + 3·0.044715 x²) / 2],  t = tanh(u)
+# y = x (1 + t) / 2,  t = tanh(u),  u = √(2/π)(x + 0.044715 x³)
+#   ->  dx = dy * [(1 + t)/2 + x (1 - t²) √(2/π)(1 + 3·0.044715 x²) / 2]
 def _gelu_tanh(x: Tensor) -> Tensor:
-    X = xp.ascontiguousarray(x.data)
-    Xf = X.reshape(-1)
-    c = X.dtype.type(_SQRT_2_OVER_PI)
-    k = X.dtype.type(0.044715)
-    t = xp.empty_like(Xf)
-    y = xp.empty_like(Xf)
-    for b in _blocks(Xf.size):
-        xs, ts, ys = Xf[b], t[b], y[b]
-        xp.multiply(xs, xs, out=ts)                  # u = c·x·(1 + k x²), then t = tanh(u)
-        ts *= k
-        ts += 1
-        ts *= xs
-        ts *= c
-        xp.tanh(ts, out=ts)
-        xp.add(ts, 1, out=ys)                        # y = x (1 + t) / 2
-        ys *= xs
-        ys *= 0.5
+    X, dt = x.data, x.data.dtype.type
+    c, k = dt(_SQRT_2_OVER_PI), dt(0.044715)
+    t = xp.tanh(c * (X + k * X * X * X))
 
     def backward(g):
-        gf = xp.ascontiguousarray(g).reshape(-1)
-        dx = xp.empty_like(Xf)
-        tmp = xp.empty(_block_size(Xf.size), dtype=Xf.dtype)
-        for b in _blocks(Xf.size):
-            xs, ts, d = Xf[b], t[b], dx[b]
-            s = tmp[:d.size]
-            xp.multiply(xs, xs, out=s)               # s = c (1 + 3k x²) x
-            s *= 3 * k
-            s += 1
-            s *= c
-            s *= xs
-            xp.multiply(ts, ts, out=d)               # d = (1 - t²) s + 1 + t
-            xp.subtract(1, d, out=d)
-            d *= s
-            d += ts
-            d += 1
-            d *= 0.5
-            d *= gf[b]
-        return (dx.reshape(X.shape),)
-    return make_result(y.reshape(X.shape), (x,), backward, "gelu_tanh", (x,))
+        du = c * (1 + 3 * k * X * X)
+        return (g * ((1 + t) + X * (1 - t * t) * du) * 0.5,)
+    return make_result(X * (1 + t) * 0.5, (x,), backward, "gelu_tanh", (x,))
 
 
 # y = x.astype(dtype)  ->  dx = dy.astype(x.dtype)

@@ -1,0 +1,73 @@
+"""Fast layer_norm for ``functional.layer_norm``: its passes run block by block of rows, in
+cache, into arrays allocated once (see ``blocking``)."""
+from __future__ import annotations
+
+from .. import dispatch
+from ..backend import xp
+from ..functional.layers import check_layer_norm
+from ..tensor import Tensor, make_result
+from .blocking import blocks
+
+
+# x̂ = (x - μ) / √(σ² + ε),  y = x̂ ⊙ w + b
+#   ->  dx = (dx̂ - mean(dx̂) - x̂ ⊙ mean(dx̂ ⊙ x̂)) / √(σ² + ε),  dx̂ = dy ⊙ w
+#       dw = Σ_rows dy ⊙ x̂,  db = Σ_rows dy
+def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    shape, N = check_layer_norm(x, normalized_shape, weight, bias)
+    X = x.data.reshape(-1, N)                        # (rows, N): one row per normalised group
+    rows, dt = X.shape[0], X.dtype.type
+    w = None if weight is None else weight.data.reshape(N)
+    b = None if bias is None else bias.data.reshape(N)
+    xhat = xp.empty_like(X)
+    y = xp.empty_like(X)
+    rstd = xp.empty((rows, 1), dtype=X.dtype)
+    for r in blocks(rows, N):                        # the passes run block by block, in cache
+        xh, yr = xhat[r], y[r]
+        xp.subtract(X[r], X[r].mean(axis=1, keepdims=True), out=xh)
+        xp.multiply(xh, xh, out=yr)                  # y as scratch for (x - μ)²
+        rs = rstd[r]
+        xp.sqrt(yr.mean(axis=1, keepdims=True) + dt(eps), out=rs)
+        xp.divide(1, rs, out=rs)
+        xh *= rs
+        if w is None:
+            yr[...] = xh
+        else:
+            xp.multiply(xh, w, out=yr)
+            if b is not None:
+                yr += b
+
+    def backward(g):
+        G = xp.ascontiguousarray(g).reshape(-1, N)
+        need_dx = x.requires_grad
+        dx = xp.empty_like(X) if need_dx else None
+        dw = xp.zeros(N, dtype=X.dtype) if w is not None and weight.requires_grad else None
+        db = G.sum(axis=0) if b is not None and bias.requires_grad else None
+        for r in blocks(rows, N):
+            gr, xh = G[r], xhat[r]
+            if dw is not None:
+                dw += (gr * xh).sum(axis=0)
+            if not need_dx:
+                continue
+            d = dx[r]
+            if w is None:
+                d[...] = gr
+            else:
+                xp.multiply(gr, w, out=d)            # dx̂
+            m1 = d.mean(axis=1, keepdims=True)
+            m2 = (d * xh).mean(axis=1, keepdims=True)
+            d -= m1
+            d -= xh * m2
+            d *= rstd[r]
+        grads = [None if dx is None else dx.reshape(x.shape)]
+        if w is not None:
+            grads.append(None if dw is None else dw.reshape(shape))
+        if b is not None:
+            grads.append(None if db is None else db.reshape(shape))
+        return tuple(grads)
+    parents = tuple(t for t in (x, weight, bias) if t is not None)
+    saved = () if weight is None else (weight,)
+    return make_result(y.reshape(x.shape), parents, backward, "layer_norm", saved)
+
+
+dispatch.register("layer_norm", layer_norm)
