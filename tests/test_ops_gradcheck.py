@@ -62,7 +62,7 @@ def test_exemptions_name_real_ops_without_a_gradient(name):
 
 def test_every_dispatched_op_is_reached_by_a_case():
     reached = set().union(*(opcheck.dispatched_ops(c) for c in CASES))
-    missing = sorted(set(dispatch.registered()) - reached)
+    missing = sorted(set(dispatch.registered()) - reached - set(opcheck.NOT_GRAPH_OPS))
     assert not missing, f"ops declared with @dispatch.op that no gradient-check case calls: {missing}"
 
 
