@@ -346,9 +346,10 @@ def load_texts(path=None):
             "random re shutil string textwrap".split()]
     docs = [inspect.getdoc(obj) for m in mods for name, obj in sorted(vars(m).items())
             if not name.startswith("_") and getattr(obj, "__module__", None) == m.__name__]
-    if path is not None and not os.path.isfile(path):
-        raise SystemExit(f"--text {path}: no such file; give the path of a text file")
-    with open(path or inspect.getsourcefile(argparse), encoding="utf-8", errors="replace") as f:
+    path = path or inspect.getsourcefile(argparse)
+    if path is None or not os.path.isfile(path):
+        raise SystemExit(f"--text {path}: no such file; give the path of a text file to train on")
+    with open(path, encoding="utf-8", errors="replace") as f:
         return "\n\n".join(d for d in docs if d), f.read()
 
 def get_batch(data, batch_size, block_size, rng):
@@ -526,6 +527,7 @@ if MAIN:
     xb, _ = get_batch(val_data, 2, cfg.block_size, np.random.default_rng(0))
     gap = np.abs(lora_model(xb)[0].data - merged(lora_model)(xb)[0].data).max()
     print(f"merged W + (α/r)·B·A vs the adapter kept apart: max |logits difference| {gap:.1e}")
+    assert gap < 1e-4
 
 # %% 6. QLoRA
 # Store the frozen W in 4 bits. Pretrained weights are roughly normal; divided by its block's
