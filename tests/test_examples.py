@@ -12,7 +12,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"
 
 def test_the_numbered_examples_are_all_here():
     names = {p.name for p in EXAMPLES}
-    for n in ("01_autograd_and_gradcheck.py", "02_train_tiny_gpt.py", "03_lora_vs_full.py",
+    for n in ("00_lora_from_scratch.py", "01_autograd_and_gradcheck.py", "02_train_tiny_gpt.py", "03_lora_vs_full.py",
               "04_qlora.py", "05_serve_many_adapters.py"):
         assert n in names
 
