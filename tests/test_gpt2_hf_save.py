@@ -93,3 +93,15 @@ def test_a_gpt2_tokenizer_is_written_beside_the_weights(tmp_path):
     from tinylora.finetune import load_pretrained      # `finetune --pretrained` reads it back
     m2, tok2, _ = load_pretrained(tmp_path / "hf")
     assert tok2.encoder == tok.encoder and m2.config.n_embd == 8
+
+
+def test_an_untied_head_is_refused(tmp_path):
+    from tinylora.nn import Parameter
+    model = GPT.from_hf(FIXTURE)
+    w = model.transformer.wte.weight.numpy()
+    model.lm_head.weight = Parameter(tl.backend.asarray(w.copy()), requires_grad=False)
+    model.save_hf(tmp_path / "same")           # an untied copy with equal values is fine
+    model.lm_head.weight.data[...] += 1.0
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        model.save_hf(tmp_path / "untied")
+    assert not (tmp_path / "untied").exists()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from ..backend import np
+from ..backend import np, to_numpy
 from ..io import (FormatError, atomic_write_text, load_json, load_safetensors, make_folder,
                   read_safetensors_header, save_json, save_safetensors)
 
@@ -155,7 +155,7 @@ def save_gpt2_hf(model, folder, tokenizer=None) -> str:
                          "dequantize=True) first")
     wte = ours["transformer.wte.weight"]
     if ours["lm_head.weight"] is not wte and not np.array_equal(
-            np.asarray(ours["lm_head.weight"].data), np.asarray(wte.data)):
+            to_numpy(ours["lm_head.weight"].data), to_numpy(wte.data)):
         raise ValueError("save_hf: lm_head.weight differs from transformer.wte.weight; GPT-2 "
                          "ties them (tie_word_embeddings), so this model has no GPT-2 folder")
     like = model.transformer.wte.weight.data
