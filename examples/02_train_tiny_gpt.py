@@ -30,11 +30,13 @@ def main(argv=None):
                     help="BLAS threads (0: the library's default); these matrices are small, and "
                          "on a 2-core machine one thread is faster than two fighting for it")
     args = ap.parse_args(argv)
-    with threadpool_limits(limits=args.threads or None, user_api="blas"):
-        return run(args)
+    # without --out, a temporary folder that is removed when the example ends
+    with threadpool_limits(limits=args.threads or None, user_api="blas"), \
+            tempfile.TemporaryDirectory(prefix="tinylora-gpt-") as tmp:
+        return run(args, args.out or tmp)
 
 
-def run(args):
+def run(args, out):
     size = (dict(n_layer=1, n_head=2, n_embd=32, block_size=32) if args.quick else
             dict(n_layer=4, n_head=4, n_embd=128, block_size=64))
     steps = 40 if args.quick else 500
@@ -46,7 +48,6 @@ def run(args):
     model = GPT(GPTConfig(vocab_size=data.tokenizer.vocab_size, **size))
     print(f"model: {model.num_parameters():,} parameters ({size})")
 
-    out = args.out or tempfile.mkdtemp(prefix="tinylora-gpt-")
     config = TrainConfig(max_iters=steps, batch_size=12, lr=2e-3, warmup_iters=steps // 20,
                          eval_interval=steps // 4, eval_iters=5 if args.quick else 10,
                          seed=args.seed, progress=not args.quick)

@@ -31,12 +31,13 @@ def main(argv=None):
                     help="BLAS threads (0: the library's default); these matrices are small, and "
                          "on a 2-core machine one thread is faster than two fighting for it")
     args = ap.parse_args(argv)
-    with threadpool_limits(limits=args.threads or None, user_api="blas"):
-        return run(args)
+    # without --out, a temporary folder that is removed when the example ends
+    with threadpool_limits(limits=args.threads or None, user_api="blas"), \
+            tempfile.TemporaryDirectory(prefix="tinylora-lora-vs-full-") as tmp:
+        return run(args, args.out or tmp)
 
 
-def run(args):
-    out = args.out or tempfile.mkdtemp(prefix="tinylora-lora-vs-full-")
+def run(args, out):
     size = (dict(n_layer=1, n_head=2, n_embd=32, block_size=32) if args.quick else
             dict(n_layer=4, n_head=4, n_embd=128, block_size=64))
     pre_steps, ft_steps = (40, 20) if args.quick else (400, 150)
@@ -74,7 +75,8 @@ def run(args):
     (_, _, l_res, l_size), (_, _, f_res, f_size) = rows
     print(f"\nLoRA reaches {l_res['val_after']:.3f} against full fine-tuning's "
           f"{f_res['val_after']:.3f}, from {l_res['val_before']:.3f}; its file is "
-          f"{f_size / l_size:.0f}x smaller. Files in {out}")
+          f"{f_size / l_size:.0f}x smaller. "
+          + (f"Files in {out}" if args.out else "(--out DIR keeps the files)"))
     return rows
 
 

@@ -34,12 +34,13 @@ def main(argv=None):
                     help="BLAS threads (0: the library's default); these matrices are small, and "
                          "on a 2-core machine one thread is faster than two fighting for it")
     args = ap.parse_args(argv)
-    with threadpool_limits(limits=args.threads or None, user_api="blas"):
-        return run(args)
+    # without --out, a temporary folder that is removed when the example ends
+    with threadpool_limits(limits=args.threads or None, user_api="blas"), \
+            tempfile.TemporaryDirectory(prefix="tinylora-serve-") as tmp:
+        return run(args, args.out or tmp)
 
 
-def run(args):
-    out = args.out or tempfile.mkdtemp(prefix="tinylora-serve-")
+def run(args, out):
     size = (dict(n_layer=1, n_head=2, n_embd=32, block_size=32) if args.quick else
             dict(n_layer=4, n_head=4, n_embd=128, block_size=64))
     pre_steps, ft_steps = (30, 20) if args.quick else (300, 120)

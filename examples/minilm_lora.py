@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 
 from tinylora import lora
@@ -39,7 +40,12 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    # without --out, the adapter goes to a temporary folder removed when the example ends
+    with tempfile.TemporaryDirectory(prefix="tinylora-minilm-") as tmp:
+        return run(args, args.out or tmp)
 
+
+def run(args, out):
     settings = FinetuneSettings(seed=args.seed)
     data = agent_task(seed=args.seed)
     if args.quick:
@@ -52,7 +58,7 @@ def main(argv=None):
     print(f"e.g. {data.train_texts[0]!r} -> {data.classes[data.train_labels[0]]}")
 
     t0 = time.perf_counter()
-    rows = compare_finetuning(data=data, settings=settings, out_dir=args.out,
+    rows = compare_finetuning(data=data, settings=settings, out_dir=out,
                               methods=tuple(methods.split(",")))
     print()
     print(format_table(rows))

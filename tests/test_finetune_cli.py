@@ -2,6 +2,7 @@
 the command line (in-process): each file a command writes is one the next command reads."""
 import json
 
+import numpy as np
 import pytest
 
 from tinylora.cli import main
@@ -50,8 +51,14 @@ def test_lora_adapter_round_trip_through_the_cli(base, tmp_path, capsys):
     assert {t["key"].rsplit(".", 2)[-2] for t in info["tensors"]} == {"lora_A", "lora_B"}
 
     adapted = _greedy(capsys, "--adapter", tmp_path / "lora")
-    _run(capsys, "merge", "--adapter", tmp_path / "lora", "--out", tmp_path / "merged")
+    _run(capsys, "merge", "--adapter", tmp_path / "lora", "--out", tmp_path / "merged",
+         "--hf-out", tmp_path / "hf")
     assert _greedy(capsys, "--checkpoint", tmp_path / "merged") == adapted
+    from tinylora.checkpoint import load_gpt       # the HF folder holds the same merged weights
+    from tinylora.models import GPT
+    merged, hf = load_gpt(tmp_path / "merged")[0].state_dict(), GPT.from_hf(tmp_path / "hf").state_dict()
+    assert merged.keys() == hf.keys()
+    assert all(np.array_equal(merged[k].numpy(), hf[k].numpy()) for k in merged)
     assert adapted.startswith("def ")
 
 

@@ -25,7 +25,6 @@ def _env(tmp_path) -> dict:
 
 
 def test_gpu_check_dry_run_writes_the_full_report(tmp_path):
-    pytest.importorskip("cupy")      # the dry run's device is "guard", which reads CuPy's names
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT,
                           env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
@@ -33,7 +32,7 @@ def test_gpu_check_dry_run_writes_the_full_report(tmp_path):
     assert "CUDA skipped" in out and "device 'guard'" in out
     data = json.loads((tmp_path / "gpu_results.json").read_text())
     assert data["mode"] == "dry-run" and data["complete"] and data["cells_failed"] == 0
-    assert data["env"]["tinylora_device"] == "guard" and data["env"]["cupy"]
+    assert data["env"]["tinylora_device"] == "guard" and "cupy" in data["env"]
     assert data["date"] and data["dtype"] == "float32"
     assert data["tests"]["exit_code"] == 0 and "passed" in data["tests"]["summary"]
     assert "test_gpu_parity" in (tmp_path / "gpu_pytest.log").read_text()

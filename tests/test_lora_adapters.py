@@ -164,17 +164,24 @@ def test_weight_digest_samples_large_weights():
     assert DIGEST_SAMPLES == 65536
 
 
-def test_lora_only_biases_may_be_absent_as_peft_writes_them(tmp_path):
+def test_lora_only_biases_are_saved_and_required_as_peft_writes_them(tmp_path):
     m = trained_toy(bias="lora_only")
+    with tl.no_grad():
+        m.blocks[0].attn["q"].base_layer.bias.data[...] += 0.5     # a trained bias
     lora.save_adapter(m, tmp_path)
+    tensors, _ = load_safetensors(tmp_path / "adapter_model.safetensors")
+    biases = sorted(k for k in tensors if k.endswith(".bias"))
+    assert biases and all(k.endswith(".base_layer.bias") for k in biases)   # PEFT 0.21's keys
+    fresh = toy()
+    lora.load_adapter(fresh, tmp_path)
+    np.testing.assert_array_equal(fresh.blocks[0].attn["q"].base_layer.bias.numpy(),
+                                  m.blocks[0].attn["q"].base_layer.bias.numpy())
     _rewrite(tmp_path / "adapter_model.safetensors",
              lambda t: [t.pop(k) for k in list(t) if k.endswith(".bias")])
-    fresh = toy()
-    bias = fresh.blocks[0].attn["q"].bias.numpy().copy()
-    lora.load_adapter(fresh, tmp_path)
-    np.testing.assert_array_equal(fresh.blocks[0].attn["q"].bias.numpy(), bias)
-    np.testing.assert_array_equal(fresh.blocks[0].attn["q"].lora_A["default"].weight.numpy(),
-                                  m.blocks[0].attn["q"].lora_A["default"].weight.numpy())
+    other = toy()
+    with pytest.raises(AdapterLoadError, match="missing tensors.*base_layer.bias"):
+        lora.load_adapter(other, tmp_path)
+    assert not lora.list_adapters(other)                              # nothing changed
 
 
 # ----------------------------------------------------------------------------- bad files

@@ -138,8 +138,24 @@ def test_weighted_adapter_linear_follows_peft():
     lora.inject(g, lora.LoraConfig(r=3, target_modules=["c_attn"]), "r3")
     with pytest.raises(ValueError, match="equal rank.*'cat'"):
         lora.add_weighted_adapter(g, ["a", "r3"], [1, 1], "x", combination_type="linear")
-    with pytest.raises(ValueError, match="weights must be >= 0"):
-        lora.add_weighted_adapter(g, ["a", "b"], [1, -1], "x", combination_type="linear")
+
+
+
+def test_weighted_adapter_linear_puts_a_negative_sign_on_a_only():
+    g = tiny_gpt(dtype=tl.float64)
+    for n in ("a", "b"):
+        lora.inject(g, lora.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], init_lora_weights=False), n)
+    lora.add_weighted_adapter(g, ["a", "b"], [-0.5, 2.0], "neg", combination_type="linear")
+    m = g.transformer.h[1].attn.c_attn
+    A = {n: m.lora_A[n].weight.numpy() for n in "ab"}
+    B = {n: m.lora_B[n].weight.numpy() for n in "ab"}
+    # PEFT: sign(w·s)·√|w·s| on A, √|w·s| on B (s = 4/2 = 2)
+    np.testing.assert_allclose(m.lora_A["neg"].weight.numpy(), -1.0 * A["a"] + 2.0 * A["b"], rtol=1e-14)
+    np.testing.assert_allclose(m.lora_B["neg"].weight.numpy(), 1.0 * B["a"] + 2.0 * B["b"], rtol=1e-14)
+    # one adapter with a negative weight is exactly w·ΔW: the sign is applied once, not twice
+    lora.add_weighted_adapter(g, ["a"], [-0.5], "minus", combination_type="linear")
+    np.testing.assert_allclose(tl.backend.to_numpy(m.delta_weight("minus")),
+                               -0.5 * tl.backend.to_numpy(m.delta_weight("a")), rtol=1e-12, atol=1e-14)
 
 
 def test_weighted_adapter_refuses_dora():

@@ -81,20 +81,32 @@ def test_gradcheck_lora_and_dora_over_a_4bit_base():
 
 def test_merge_into_4bit_requantizes_with_a_warning_and_dequantize_merges_in_float():
     g = qlora_gpt()
-    layers = [m for m in g.modules() if isinstance(m, lora.LoRALinear)]
+    layers = [(p, m) for p, m in g.named_modules() if isinstance(m, lora.LoRALinear)]
     with tl.no_grad():
-        for m in layers:   # a trained-sized update, comparable to W
+        for _, m in layers:   # a trained-sized update, comparable to W
             m.lora_B["default"].weight.data *= 0.01
-    targets = [m.base_layer.dequantize() + m.delta_weight("default") for m in layers]
+    targets = [m.base_layer.dequantize() + m.delta_weight("default") for _, m in layers]
     x = ids()
     want, _ = g(x)
+    with lora.disable_adapter(g):
+        base, _ = g(x)
     with pytest.warns(QuantizationWarning):
         lora.merge(g)
-    for m, W in zip(layers, targets):   # W + ΔW, rounded to 4 bits once more
-        err = np.abs(m.base_layer.dequantize() - W).max() / np.abs(W).max()
-        assert 0 < err < 0.15
+    ref = tiny_gpt(seed=1)          # a float model holding exactly the re-quantized weights
+    for (path, m), W in zip(layers, targets):
+        # W + ΔW, rounded to 4 bits once more: the codes of an independent quantization of it
+        lin = nn.Linear(m.in_features, m.out_features)
+        lin.weight.data[...] = W
+        again = tl.backend.to_numpy(Linear4bit.from_linear(lin, blocksize=8).dequantize())
+        merged = tl.backend.to_numpy(m.base_layer.dequantize())
+        np.testing.assert_array_equal(merged, again, err_msg=path)
+        assert np.abs(merged - tl.backend.to_numpy(W)).max() > 0          # it was rounded
+        ref.get_submodule(path).weight.data[...] = m.base_layer.dequantize()
     got, _ = g(x)
-    assert np.abs(got.numpy() - want.numpy()).max() < 0.1 * np.abs(want.numpy()).max()
+    np.testing.assert_allclose(got.numpy(), ref(x)[0].numpy(), rtol=1e-6, atol=1e-7)
+    # the rounding moves the outputs less than the adapter does (here 1.6% vs 6.4% of max |y|)
+    moved = np.abs(got.numpy() - want.numpy()).max()
+    assert 0 < moved < 0.5 * np.abs(want.numpy() - base.numpy()).max()
     g = qlora_gpt()
     want, _ = g(x)
     layer = g.transformer.h[1].mlp.c_fc

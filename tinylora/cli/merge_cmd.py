@@ -12,12 +12,17 @@ def register(sub, name, summary):
                     "weight and save a plain GPT checkpoint (model.safetensors + config.json) that "
                     "`tinylora generate --checkpoint` loads, with no extra cost per token. An "
                     "adapter trained with QLoRA is merged into the dequantized 4-bit base it was "
-                    "trained on. Checks that the merged model's logits equal the adapted model's.")
+                    "trained on. Checks that the merged model's logits equal the adapted model's. "
+                    "With --hf-out it also writes a Hugging Face GPT-2 folder that transformers' "
+                    "GPT2LMHeadModel.from_pretrained (and `tinylora finetune --pretrained`) loads.")
     p.add_argument("--adapter", required=True, help="adapter folder (PEFT layout)")
     p.add_argument("--base", default=None,
                    help="base checkpoint (default: the one the adapter names in "
                         "adapter_config.json's base_model_name_or_path)")
     p.add_argument("--out", default=None, help="merged checkpoint folder (default: ADAPTER-merged)")
+    p.add_argument("--hf-out", default=None, metavar="DIR",
+                   help="also write the merged model as a Hugging Face GPT-2 folder (config.json, "
+                        "model.safetensors; vocab.json and merges.txt for a GPT-2 BPE tokenizer)")
     add_json(p)
     p.set_defaults(func=run)
 
@@ -50,10 +55,15 @@ def run(args) -> int:
     result = {"merged": path, "adapter": os.path.abspath(args.adapter), "base": info["base"],
               "method": info.get("method", "lora"), "max_logit_diff": diff,
               "bytes": os.path.getsize(os.path.join(path, "model.safetensors"))}
+    if args.hf_out:
+        result["hf"] = os.path.abspath(model.save_hf(args.hf_out, tok))
     if args.json:
         print_json(result)
         return 0
     print(f"merged {args.adapter} into {info['base']} -> {path} "
           f"({result['bytes'] / 2**20:.2f} MiB); logits match (max difference {diff:.2g})")
+    if args.hf_out:
+        print(f"Hugging Face GPT-2 folder -> {args.hf_out} "
+              "(transformers: GPT2LMHeadModel.from_pretrained)")
     print(f"try: tinylora generate --checkpoint {out} --prompt 'def '")
     return 0

@@ -6,7 +6,8 @@ strips it; the loader chooses the name):
     <path>.lora_A.weight (r, in)   <path>.lora_B.weight (out, r)   <path>.lora_magnitude_vector (out,)
     <path>.lora_embedding_A (r, V) <path>.lora_embedding_B (dim, r)
     <path>.<key> for each tensor of a modules_to_save module (its own state-dict keys)
-    <path>.bias / <path>.base_layer.bias with bias="all" / "lora_only"
+    <path>.bias / <path>.base_layer.bias with bias="all" / "lora_only" (an adapted layer's
+    bias is <path>.base_layer.bias, as PEFT writes it; both modes save and require them)
 
 The safetensors metadata holds ``format: "pt"`` (as PEFT writes) and our
 ``tinylora_base_fingerprint``: a hash of the targeted base weights (see base_fingerprint),
@@ -189,10 +190,9 @@ def load_adapter(model, adapter_dir, adapter_name: str = "default", *, check_bas
     expected = _expected_shapes(model, cfg, targets, to_save)
 
     problems = []
-    # PEFT's writer drops the biases of bias="lora_only" (it looks for '<path>.bias', but the
-    # key is '<path>.base_layer.bias'); such files keep the model's biases as they are
-    optional = {k for k in expected if k.endswith(".bias")} if cfg.bias == "lora_only" else set()
-    missing = expected.keys() - header.keys() - optional
+    # bias "lora_only" / "all": PEFT writes the adapted layers' biases as
+    # '<path>.base_layer.bias' (checked against peft 0.21.2), so they are required like the rest
+    missing = expected.keys() - header.keys()
     extra = header.keys() - expected.keys()
     if missing:
         problems.append(f"missing tensors: {_listing(missing)}")

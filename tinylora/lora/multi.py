@@ -100,9 +100,10 @@ def add_weighted_adapter(model, adapters, weights, adapter_name: str,
       "svd":    the best rank-k approximation of Σ wᵢ·ΔWᵢ (k = svd_rank, default the
                 largest rank): B = U_k·diag(S_k), A = V_kᵀ. Exact when k >= Σ rᵢ.
       "cat":    A = [w₁s₁A₁; w₂s₂A₂; ...], B = [B₁ B₂ ...]; rank Σ rᵢ. Exact.
-      "linear": A = Σ √(wᵢsᵢ)·Aᵢ, B = Σ √(wᵢsᵢ)·Bᵢ; needs equal ranks and wᵢ >= 0. Not the
-                weighted sum of the updates (the product has cross terms Bᵢ·Aⱼ), but PEFT's
-                definition; for adapters of different ranks use "cat" or "svd".
+      "linear": A = Σ sign(wᵢsᵢ)·√|wᵢsᵢ|·Aᵢ, B = Σ √|wᵢsᵢ|·Bᵢ (the sign goes on A only,
+                so a single adapter with weight w gives exactly w·ΔW); needs equal ranks.
+                Not the weighted sum of the updates (the product has cross terms Bᵢ·Aⱼ),
+                but PEFT's definition; for adapters of different ranks use "cat" or "svd".
     The new adapter covers every layer that any of the inputs covers, and is added inactive.
     DoRA adapters and adapters with modules_to_save cannot be combined.
     """
@@ -132,9 +133,6 @@ def add_weighted_adapter(model, adapters, weights, adapter_name: str,
         if len(set(ranks)) != 1:
             raise ValueError(f"combination_type='linear' needs adapters of equal rank, got ranks "
                              f"{ranks}; use 'cat' (exact, rank {sum(ranks)}) or 'svd'")
-        if any(w < 0 for w in weights):
-            raise ValueError("combination_type='linear' takes √weight, so weights must be >= 0; "
-                             "use 'cat' or 'svd' for negative weights")
         new_rank = ranks[0]
     elif combination_type == "cat":
         new_rank = sum(ranks)
@@ -185,8 +183,9 @@ def _combine(layer, adapters, weights, ranks, kind, new_rank):
         B = xp.zeros((n_out, new_rank), dtype=dt)
         for a, w in zip(adapters, weights):
             if a in layer.r:
-                c = math.sqrt(w * layer.scaling[a])
-                A = A + c * _ab(layer, a)[0].data
+                ws = w * layer.scaling[a]          # √|w·s| on both; the sign on A (PEFT's rule)
+                c = math.sqrt(abs(ws))
+                A = A + math.copysign(c, ws) * _ab(layer, a)[0].data
                 B = B + c * _ab(layer, a)[1].data
         return A, B
     delta = xp.zeros((n_out, n_in), dtype=dt)      # Σ wᵢ sᵢ Bᵢ Aᵢ, (out, in) like B·A

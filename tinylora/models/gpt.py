@@ -191,6 +191,12 @@ class GPT(Module):
         from .gpt2_hf import load_gpt2_hf
         return load_gpt2_hf(cls, folder, dropout=dropout)
 
+    def save_hf(self, folder, tokenizer=None) -> str:
+        """Write this GPT as a Hugging Face GPT-2 folder that ``from_hf`` and transformers'
+        ``GPT2LMHeadModel.from_pretrained`` read. See ``tinylora.models.gpt2_hf``."""
+        from .gpt2_hf import save_gpt2_hf
+        return save_gpt2_hf(self, folder, tokenizer)
+
     # ------------------------------------------------------------------ generation
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, *, use_cache: bool = True, adapter_names=None,

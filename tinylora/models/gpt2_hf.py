@@ -1,19 +1,22 @@
-"""Load a Hugging Face GPT-2 folder (config.json + model.safetensors) into tinylora's GPT.
+"""Read and write Hugging Face GPT-2 folders (config.json + model.safetensors) for tinylora's GPT.
 
 HF's GPT-2 keeps its projections (c_attn, c_proj, c_fc) as Conv1D, whose weight is stored
 (in, out); our Linear stores (out, in), so those four weights per block are transposed.
 ``lm_head.weight`` is tied to ``transformer.wte.weight`` (HF omits it from the file);
 the causal-mask buffers ``attn.bias`` / ``attn.masked_bias`` that old files carry are ignored.
 Every key and shape is checked against the header before any tensor data is read.
+``save_gpt2_hf`` (``GPT.save_hf``) writes the same layout back, so a merged model loads in
+transformers' ``GPT2LMHeadModel.from_pretrained``.
 """
 from __future__ import annotations
 
 import os
 
-from ..backend import np
-from ..io import FormatError, load_json, load_safetensors, read_safetensors_header
+from ..backend import np, to_numpy
+from ..io import (FormatError, atomic_write_text, load_json, load_safetensors, make_folder,
+                  read_safetensors_header, save_json, save_safetensors)
 
-__all__ = ["load_gpt2_hf", "gpt_config_from_hf"]
+__all__ = ["load_gpt2_hf", "save_gpt2_hf", "gpt_config_from_hf", "hf_config_from_gpt"]
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")   # one function, three spellings
@@ -111,3 +114,75 @@ def load_gpt2_hf(cls, folder, *, dropout: float = 0.0):
         state[k] = a.astype(ours[k].dtype, copy=False)
     model.load_weights(state, source=weights)
     return model
+
+
+def hf_config_from_gpt(config, dtype: str = "float32", tokenizer=None) -> dict:
+    """The config.json transformers' GPT2Config reads for a GPTConfig (GPT-2's field names)."""
+    eos = None
+    if tokenizer is not None and "<|endoftext|>" in getattr(tokenizer, "encoder", {}):
+        eos = tokenizer.encoder["<|endoftext|>"]
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": config.vocab_size, "n_positions": config.block_size,
+        "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+        "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False, "add_cross_attention": False,
+        "tie_word_embeddings": True, "initializer_range": 0.02, "use_cache": True,
+        "bos_token_id": eos, "eos_token_id": eos, "dtype": dtype,
+    }
+
+
+def save_gpt2_hf(model, folder, tokenizer=None) -> str:
+    """Write ``model`` (a plain GPT: no LoRA or 4-bit layers left) as a Hugging Face GPT-2
+    folder: ``config.json`` and ``model.safetensors`` (keys ``transformer.*``, Conv1D weights
+    transposed back to (in, out), tied ``lm_head`` left out), plus ``vocab.json`` and
+    ``merges.txt`` when ``tokenizer`` is a GPT2Tokenizer. A model built without biases
+    (``GPTConfig(bias=False)``) gets zero biases, which compute the same function. Each file
+    is replaced atomically, weights first and config.json last. Returns the folder."""
+    from .gpt2_tokenizer import GPT2Tokenizer
+
+    config = model.config
+    ours = model.state_dict()
+    plain = {f"transformer.{m}.weight" for m in ("wte", "wpe", "ln_f")} | {"lm_head.weight"} | {
+        f"transformer.h.{i}.{m}.weight" for i in range(config.n_layer)
+        for m in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")}
+    extra = [k for k in ours if k not in plain and not k.endswith(".bias")]
+    if extra or not plain <= set(ours):
+        raise ValueError(f"save_hf: {(extra or sorted(plain - set(ours)))[0]!r} is not a plain GPT-2 "
+                         "weight (a LoRA or 4-bit layer?); call lora.merge_and_unload(model, "
+                         "dequantize=True) first")
+    wte = ours["transformer.wte.weight"]
+    if ours["lm_head.weight"] is not wte and not np.array_equal(
+            to_numpy(ours["lm_head.weight"].data), to_numpy(wte.data)):
+        raise ValueError("save_hf: lm_head.weight differs from transformer.wte.weight; GPT-2 "
+                         "ties them (tie_word_embeddings), so this model has no GPT-2 folder")
+    like = model.transformer.wte.weight.data
+    dtype = str(like.dtype)
+    if dtype not in ("float32", "float64", "float16"):
+        raise ValueError(f"save_hf: weights of dtype {dtype} cannot be written for transformers")
+    C = config.n_embd
+    tensors = {}
+    for k, t in ours.items():
+        if k == "lm_head.weight":
+            continue
+        a = t.data
+        tensors[k] = a.T if k.endswith(_CONV1D) else a     # Linear (out, in) -> Conv1D (in, out)
+    widths = {"ln_1": C, "ln_2": C, "attn.c_attn": 3 * C, "attn.c_proj": C,
+              "mlp.c_fc": 4 * C, "mlp.c_proj": C}
+    names = [f"transformer.h.{i}.{m}.bias" for i in range(config.n_layer) for m in widths]
+    for name in names + ["transformer.ln_f.bias"]:
+        if name not in tensors:                           # bias=False: zero biases, same function
+            width = C if name == "transformer.ln_f.bias" else widths[name.split(".", 3)[3][:-5]]
+            tensors[name] = np.zeros(width, dtype=dtype)
+    folder = make_folder(os.fspath(folder))
+    save_safetensors(os.path.join(folder, "model.safetensors"), tensors, {"format": "pt"})
+    is_bpe = isinstance(tokenizer, GPT2Tokenizer)
+    if is_bpe:
+        save_json(os.path.join(folder, "vocab.json"), tokenizer.encoder)
+        atomic_write_text(os.path.join(folder, "merges.txt"),
+                          "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tokenizer.merges))
+    save_json(os.path.join(folder, "config.json"),
+              hf_config_from_gpt(config, dtype, tokenizer if is_bpe else None))
+    return folder
