@@ -441,7 +441,7 @@ def train_gpt(data: str | None = None, out_dir=None, *, model_args: dict | None 
     config; train_args given here override the saved ones (e.g. a larger max_iters).
     """
     from .data import CharTokenizer, load_data
-    from .io import config_from_dict
+    from .configs import config_from_dict
     from .models.gpt import GPT, GPTConfig
 
     model_args, train_args = dict(model_args or {}), dict(train_args or {})

@@ -18,7 +18,7 @@ from ..io import load_json
 from ..tensor import Tensor, no_grad
 from .bert import BertModel
 from .hub import find_minilm
-from .wordpiece import WordPieceTokenizer
+from ..data.wordpiece import WordPieceTokenizer
 
 __all__ = ["SentenceEncoder", "mean_pool"]
 

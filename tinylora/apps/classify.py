@@ -1,7 +1,7 @@
 """Fine-tune the real all-MiniLM-L6-v2 on a built-in task: linear probe vs LoRA vs full.
 
-    from tinylora.finetune_bert import compare_finetuning, format_table
-    rows = compare_finetuning()          # all-MiniLM-L6-v2 on datasets.agent_task()
+    from tinylora.apps.classify import compare_finetuning, format_table
+    rows = compare_finetuning()          # all-MiniLM-L6-v2 on data.agent_task()
     print(format_table(rows))
 
 Three ways to adapt a pretrained encoder to a classification task, on the same data:
@@ -24,15 +24,15 @@ import time
 import tracemalloc
 from dataclasses import dataclass
 
-from . import backend, lora
-from . import functional as F
-from .backend import np, xp
-from .datasets import agent_task
-from .models.classify import BertClassifier
-from .models.hub import find_minilm
-from .models.wordpiece import WordPieceTokenizer
-from .optim import AdamW, clip_grad_norm_, cosine_lr
-from .tensor import Tensor, no_grad
+from .. import backend, lora
+from .. import functional as F
+from ..backend import np, xp
+from ..data.agents import agent_task
+from ..models.classify import BertClassifier
+from ..models.hub import find_minilm
+from ..data.wordpiece import WordPieceTokenizer
+from ..optim import AdamW, clip_grad_norm_, cosine_lr
+from ..tensor import Tensor, no_grad
 
 __all__ = ["FinetuneSettings", "compare_finetuning", "finetune", "linear_probe", "evaluate",
            "encode_texts", "format_table", "METHODS"]
@@ -155,7 +155,7 @@ def linear_probe(model: BertClassifier, train: dict, y_train, test: dict, y_test
             "peak_train_mb": peak, "steps": s.probe_steps}
 
 
-def finetune(model: BertClassifier, train: dict, y_train, test: dict, y_test,
+def finetune_classifier(model: BertClassifier, train: dict, y_train, test: dict, y_test,
              s: FinetuneSettings, method: str, out_dir=None, log=None) -> dict:
     """LoRA (``method="lora"``) or full fine-tuning of ``model`` for ``s.steps`` steps of
     AdamW (warmup then cosine decay, gradients clipped to norm 1)."""
@@ -212,7 +212,7 @@ def finetune(model: BertClassifier, train: dict, y_train, test: dict, y_test,
 def compare_finetuning(model_dir=None, data=None, settings: FinetuneSettings | None = None,
                        methods=METHODS, out_dir=None, log=print) -> list:
     """Linear probe, LoRA and full fine-tuning of the same pretrained encoder (default: the
-    installed all-MiniLM-L6-v2) on ``data`` (default ``datasets.agent_task()``).
+    installed all-MiniLM-L6-v2) on ``data`` (default ``data.agent_task()``).
 
     Returns one dict per method: ``test_accuracy``, ``train_accuracy``, ``trainable_params``,
     ``total_params``, ``trainable_pct``, ``saved_bytes`` (LoRA: the adapter folder on disk;
@@ -239,7 +239,7 @@ def compare_finetuning(model_dir=None, data=None, settings: FinetuneSettings | N
             row = linear_probe(model, train, data.train_labels, test, data.test_labels, s)
         else:
             sub = None if out_dir is None else os.path.join(os.fspath(out_dir), f"{method}_adapter")
-            row = finetune(model, train, data.train_labels, test, data.test_labels, s, method,
+            row = finetune_classifier(model, train, data.train_labels, test, data.test_labels, s, method,
                            out_dir=sub, log=log)
         row["total_params"] = total
         row["trainable_pct"] = 100.0 * row["trainable_params"] / total
