@@ -89,6 +89,7 @@ def bench_train_step(name: str = "nanogpt-cpu", *, warmup: int = 2, repeats: int
 
     mode "full" trains every weight; "lora" freezes the base and trains LoRA r=8 adapters on
     the attention and MLP linears (AdamW holds state for the adapters only)."""
+    backend.tune_malloc()   # as the Trainer does: freed arrays stay in the heap
     from ..models.gpt import GPT, GPTConfig
     from ..optim import AdamW
 
@@ -176,6 +177,7 @@ def lora_vs_full(name: str = "gpt-6x384", *, warmup: int = 2, repeats: int = 5,
 def inference_figures(name: str = "gpt-6x384", *, repeats: int = 7, threads: int | None = None) -> dict:
     """Forward-only speed of the base model, the same model with LoRA r=8 merged into it,
     and with the adapters unmerged (computed on the side), timed alternately in one process."""
+    backend.tune_malloc()   # as the Trainer does: freed arrays stay in the heap
     from .. import lora
     from ..models.gpt import GPT, GPTConfig
     from ..tensor import no_grad
@@ -216,6 +218,7 @@ def inference_figures(name: str = "gpt-6x384", *, repeats: int = 7, threads: int
 def encode_figures(*, n: int = 128, batch_size: int = 32, repeats: int = 7,
                    threads: int | None = None) -> dict:
     """all-MiniLM-L6-v2 sentence encoding: sentences/s at batch 32 for ~16-token sentences."""
+    backend.tune_malloc()   # as the Trainer does: freed arrays stay in the heap
     from ..models.sentence import SentenceEncoder
 
     enc = SentenceEncoder.from_pretrained()

@@ -92,6 +92,7 @@ class _Matrix(nn.Module):
 
 def finetune_figures(kind: str, mode: str, *, threads: int | None = None, **kw) -> dict:
     """One fine-tuning run in this process: kind "gpt" or "matrix", mode "lora" or "qlora"."""
+    backend.tune_malloc()   # as the Trainer does: freed arrays stay in the heap
     if not threads:
         return _finetune(kind, mode, **kw)
     with limit_threads(threads):
@@ -243,6 +244,7 @@ def qlora_figures(config: str = "gpt-6x384", *, vocab_size: int = 65, matrix: in
     its training batch; isolated: each fine-tuning run in a fresh subprocess (honest peak
     memory; False runs them here, where the peak then accumulates).
     """
+    backend.tune_malloc()   # as the Trainer does: freed arrays stay in the heap
     run = _isolated if isolated else finetune_figures
     common = dict(config=config, vocab_size=vocab_size, matrix=matrix,
                   matrix_tokens=matrix_tokens, r=r, warmup=warmup, steps=steps, threads=threads)

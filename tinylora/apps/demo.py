@@ -245,6 +245,8 @@ def _child(argv=None) -> None:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--debug", action="store_true", help="a traceback on errors")
     a = ap.parse_args(argv)
+    from .. import backend
+    backend.tune_malloc()   # before anything is allocated, so the phase's peak RSS is its own
     try:
         s = DemoSettings(**json.loads(a.settings))
         res = _phase(a.phase, s, a.out, not a.no_progress, a.threads)

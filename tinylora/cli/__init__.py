@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
     return f"tinylora {__version__}"
 
 
@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     if backend.startup_error is not None:
         print(f"tinylora: error: {backend.startup_error}", file=sys.stderr)
         return 1
+    backend.tune_malloc()   # a command owns its process: keep freed arrays in the heap
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
