@@ -21,12 +21,12 @@ import json
 import time
 
 from tinylora import lora
-from tinylora.data import agent_task
 from tinylora.apps.classify import (FinetuneSettings, compare_finetuning, encode_texts,
                                     evaluate, format_table)
+from tinylora.data import agent_task
+from tinylora.data.wordpiece import WordPieceTokenizer
 from tinylora.models import BertClassifier
 from tinylora.models.hub import find_minilm
-from tinylora.data.wordpiece import WordPieceTokenizer
 
 
 def main(argv=None):

@@ -170,6 +170,7 @@ class Trainer:
         self.load_model = load_model or load_model_weights
         self.run_config = run_config or {}
         self.on_step = on_step
+        self._source_tokens = 0         # tokens of a batch source's batches in this step
         self.step, self.tokens_seen, self.skipped = 0, 0, 0
         self.evals, self.last_loss = [], None
         self.checkpoint = None          # the last checkpoint written or resumed from
@@ -302,8 +303,9 @@ class Trainer:
                 lr = self.lr_at(self.step)
                 for g, scale in zip(self.optimizer.param_groups, self._lr_scale):
                     g["lr"] = lr * scale
-                loss_sum, step_tokens = self._accumulate()
-                step_tokens = tokens_per_step or step_tokens
+                self._source_tokens = 0
+                loss_sum = self._accumulate()
+                step_tokens = tokens_per_step or self._source_tokens
                 if deferred:
                     norm = clip_grad_norm_(self.params, c.grad_clip, sync=False)
                     finite = True                      # checked when read, below
@@ -358,22 +360,22 @@ class Trainer:
         return result
 
     def _accumulate(self):
-        """Forward and backward over grad_accum_steps micro-batches: the micro-batch losses'
-        sum as a 0-d device array (no sync; the mean loss is float(sum) / grad_accum_steps),
-        and the tokens of a batch source's batches (the size of their first input)."""
+        """Forward and backward over grad_accum_steps micro-batches; the micro-batch losses'
+        sum as a 0-d device array (no sync; the mean loss is float(sum) / grad_accum_steps).
+        A batch source's batches count their first input's size as the step's tokens."""
         c = self.config
-        total, tokens = None, 0
+        total = None
         for _ in range(c.grad_accum_steps):
             if self.source is None:
                 _, loss = self.model(*get_batch(self.train_data, self.block_size, c.batch_size))
             else:
                 batch = self.source.train_batch(c.batch_size)
                 args = list(batch.values()) if isinstance(batch, dict) else batch
-                tokens += int(args[0].size)
+                self._source_tokens += int(args[0].size)
                 loss = (self.model(**batch) if isinstance(batch, dict) else self.model(*batch))[1]
             (loss * (1.0 / c.grad_accum_steps)).backward()
             total = loss.data if total is None else total + loss.data
-        return total, tokens
+        return total
 
     def _read_pending(self, pending: list, result: TrainResult) -> tuple:
         """Copy the waiting steps' losses and norms to the host in one transfer, record them,

@@ -28,9 +28,9 @@ from .. import backend, lora, nn
 from .. import functional as F
 from ..backend import np, xp
 from ..data.agents import agent_task
+from ..data.wordpiece import WordPieceTokenizer
 from ..models.classify import BertClassifier
 from ..models.hub import find_minilm
-from ..data.wordpiece import WordPieceTokenizer
 from ..optim import AdamW
 from ..tensor import Tensor, no_grad
 from ..train import TrainConfig, Trainer
@@ -147,6 +147,7 @@ def _train(model, batches, config: TrainConfig, optimizer, on_log=None) -> tuple
         if on_log is not None:
             on_log(trainer.step - 1, trainer.last_loss)
     trainer = Trainer(model, batches, config, optimizer=optimizer, on_step=on_step)
+    import tqdm.auto  # noqa: F401  (the Trainer's progress bar: imported before tracing starts)
     meter.start()
     trainer.train()
     return meter.result()
