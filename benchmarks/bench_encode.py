@@ -20,6 +20,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from tinylora import backend
 from tinylora.models.hub import find_minilm
 from tinylora.models.sentence import SentenceEncoder
 
@@ -43,6 +44,7 @@ def sentences(n: int) -> list:
 
 
 def main(argv=None) -> dict:
+    backend.tune_malloc()   # as tinylora's Trainer and command line do
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=128, help="sentences encoded per round")
     ap.add_argument("--batch-size", type=int, default=32)

@@ -14,7 +14,7 @@ import json
 import platform
 import time
 
-from tinylora.backend import get_device, is_cuda, np, xp
+from tinylora.backend import get_device, is_cuda, np, tune_malloc, xp
 from tinylora.quant import dequantize_4bit, quantization_error, quantize_4bit
 
 
@@ -36,6 +36,7 @@ def _best_time(fn, repeat: int) -> float:
 
 
 def main() -> None:
+    tune_malloc()   # as tinylora's Trainer and command line do
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--blocksize", type=int, default=64)

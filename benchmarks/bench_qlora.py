@@ -6,9 +6,9 @@
 LoRA vs QLoRA fine-tuning of the GPT config and of one square matrix (each run in a fresh
 subprocess: weight memory, step time, peak RSS), bytes per parameter of the 4-bit base,
 quantize / dequantize throughput, one layer's forward + backward float vs NF4, and the
-mean absolute error of NF4 / FP4 / int4 on N(0, 1). See ``tinylora.quant.bench``.
+mean absolute error of NF4 / FP4 / int4 on N(0, 1). See ``tinylora.apps.bench_qlora``.
 """
-from tinylora.quant.bench import _main
+from tinylora.apps.bench_qlora import _main
 
 if __name__ == "__main__":
     _main()

@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_limits
 import tinylora as tl
 from tinylora import lora
 from tinylora.data import load_data
-from tinylora.finetune import finetune, load_base, prepare, save_finetuned
+from tinylora.apps.finetune import finetune, load_base, prepare, save_finetuned
 from tinylora.models import GPT, GPTConfig
 from tinylora.train import TrainConfig, Trainer
 

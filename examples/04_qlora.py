@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 import tinylora as tl
 from tinylora import lora, quant
 from tinylora.data import load_data
-from tinylora.finetune import finetune, load_base, load_finetuned, prepare, save_finetuned
+from tinylora.apps.finetune import finetune, load_base, load_finetuned, prepare, save_finetuned
 from tinylora.models import GPT, GPTConfig
 from tinylora.train import TrainConfig, Trainer, estimate_loss
 

@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 import tinylora as tl
 from tinylora import lora, nn
 from tinylora.data import builtin_text, load_data
-from tinylora.finetune import finetune, load_base, prepare, save_finetuned
+from tinylora.apps.finetune import finetune, load_base, prepare, save_finetuned
 from tinylora.models import GPT, GPTConfig
 from tinylora.train import TrainConfig, Trainer
 

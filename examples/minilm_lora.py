@@ -1,6 +1,6 @@
 """LoRA fine-tuning of the real all-MiniLM-L6-v2 on a task that needs no download.
 
-The task (tinylora.datasets.agent_task): say who acts in a sentence, a person, an animal or
+The task (tinylora.data.agent_task): say who acts in a sentence, a person, an animal or
 a machine. Both kinds appear in every sentence; only word order and voice tell them apart
 ("the farmer pushed the robot" / "the farmer was pushed by the robot"), which mean-pooled
 frozen embeddings capture poorly. We compare, from the same pretrained weights:
@@ -22,12 +22,12 @@ import tempfile
 import time
 
 from tinylora import lora
-from tinylora.datasets import agent_task
-from tinylora.finetune_bert import (FinetuneSettings, compare_finetuning, encode_texts,
+from tinylora.apps.classify import (FinetuneSettings, compare_finetuning, encode_texts,
                                     evaluate, format_table)
+from tinylora.data import agent_task
+from tinylora.data.wordpiece import WordPieceTokenizer
 from tinylora.models import BertClassifier
 from tinylora.models.hub import find_minilm
-from tinylora.models.wordpiece import WordPieceTokenizer
 
 
 def main(argv=None):

@@ -80,7 +80,7 @@ BENCH_ARGS=(--out "$DEST/gpu_results.json" --budget-s $((BENCH_S - 25)) --tests-
             --tests-summary "$SUMMARY")
 [ $DRY = 1 ] && BENCH_ARGS+=(--dry-run)
 say "benchmark: at most ${BENCH_S}s"
-timeout -k 10 "$BENCH_S" "$PY" scripts/gpu_bench.py "${BENCH_ARGS[@]}"
+timeout -k 10 "$BENCH_S" "$PY" benchmarks/gpu_bench.py "${BENCH_ARGS[@]}"
 BENCH_RC=$?
 [ "$BENCH_RC" = 124 ] && say "benchmark stopped at the ${BENCH_S}s limit (the JSON holds what it measured)"
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import tinylora as tl
-from tinylora import data
+from tinylora.data import text as data
 from tinylora.data import BUILTIN_VOCAB, CharTokenizer, get_batch, load_data, load_text
 
 

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from tinylora.demo import QUICK, SETTINGS, DemoSettings, format_report, run_demo
+from tinylora.apps.demo import QUICK, SETTINGS, DemoSettings, format_report, run_demo
 
 MICRO = DemoSettings(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4,
                      pretrain_iters=6, finetune_iters=4, eval_interval=2, eval_iters=1,
@@ -80,7 +80,7 @@ def test_a_failing_phase_is_one_clear_error(tmp_path):
 
 
 def test_the_command_prints_the_same_results_as_json(tmp_path, monkeypatch, capsys):
-    import tinylora.demo as demo_module
+    import tinylora.apps.demo as demo_module
     from tinylora.cli import main
     monkeypatch.setattr(demo_module, "QUICK", MICRO)          # --quick, at the micro size
     assert main(["demo", "--quick", "--in-process", "--json", "--out", str(tmp_path)]) == 0

@@ -11,7 +11,7 @@ import tinylora as tl
 from tinylora.cli import main
 from tinylora.io import save_safetensors
 from tinylora.models import GPT, GPTConfig
-from tinylora.models.gpt2_tokenizer import GPT2Tokenizer, bytes_to_unicode, pretokenize
+from tinylora.data.gpt2_bpe import GPT2Tokenizer, bytes_to_unicode, pretokenize
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "gpt2_bpe"
 CASES = json.loads((FIX / "cases.json").read_text(encoding="utf-8"))["cases"]

@@ -57,7 +57,7 @@ def test_gpu_bench_without_a_gpu_says_so(tmp_path):
     cupy = pytest.importorskip("cupy")
     if cupy.is_available():
         pytest.skip("this machine has a GPU")
-    proc = subprocess.run([sys.executable, "scripts/gpu_bench.py", "--out", str(tmp_path / "r.json")],
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--out", str(tmp_path / "r.json")],
                           cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "no usable GPU" in proc.stderr and "--dry-run" in proc.stderr

@@ -23,8 +23,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import tinylora
-from tinylora.io import (ConfigError, FormatError, atomic_write, atomic_write_bytes,
-                         config_from_dict, load_json, load_safetensors,
+from tinylora.configs import ConfigError, config_from_dict
+from tinylora.io import (FormatError, atomic_write, atomic_write_bytes, load_json, load_safetensors,
                          read_safetensors_header, save_json, save_safetensors)
 
 DTYPES = {np.float64: "F64", np.float32: "F32", np.float16: "F16", np.int64: "I64",

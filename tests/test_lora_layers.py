@@ -7,7 +7,7 @@ import pytest
 
 import tinylora as tl
 from tinylora import lora, nn, ops
-from tinylora.io import ConfigError
+from tinylora.configs import ConfigError
 from tinylora.lora import dora
 from tinylora.lora.layers import LoRAEmbedding, LoRALinear
 

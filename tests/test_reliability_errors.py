@@ -16,7 +16,8 @@ from tinylora.backend import DeviceError
 from tinylora.checkpoint import load_gpt, resolve_checkpoint, save_checkpoint
 from tinylora.cli import main as cli
 from tinylora.data import load_data
-from tinylora.io import ConfigError, FormatError, load_safetensors, save_json, save_safetensors
+from tinylora.configs import ConfigError
+from tinylora.io import FormatError, load_safetensors, save_json, save_safetensors
 from tinylora.lora import AdapterLoadError, BaseModelMismatchError
 from tinylora.lora.adapters import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from tinylora.models import GPT, GPTConfig

@@ -11,7 +11,7 @@ Documented errors, by loader:
   optim.load_optimizer         FormatError
   quant.load_quantized         FormatError, StateDictError
   io.load_json                 FormatError
-  io.config_from_dict          ConfigError
+  configs.config_from_dict     ConfigError
   LoraConfig.from_peft_dict    ConfigError
   BertConfig.from_dict         BertLoadError, ConfigError (both FormatErrors)
   CharTokenizer.from_dict      ValueError
@@ -33,12 +33,13 @@ import tinylora as tl
 from tinylora import lora, quant
 from tinylora.checkpoint import load_gpt, resolve_checkpoint
 from tinylora.data import CharTokenizer, load_data
-from tinylora.io import ConfigError, FormatError, config_from_dict, load_json, save_safetensors
+from tinylora.configs import ConfigError, config_from_dict
+from tinylora.io import FormatError, load_json, save_safetensors
 from tinylora.lora import AdapterLoadError
 from tinylora.lora.adapters import CONFIG_NAME, WEIGHTS_NAME
 from tinylora.models import GPT, GPTConfig
 from tinylora.models.bert import BertConfig, BertLoadError
-from tinylora.models.wordpiece import WordPieceTokenizer
+from tinylora.data.wordpiece import WordPieceTokenizer
 from tinylora.nn import StateDictError
 from tinylora.optim import load_optimizer
 from tinylora.train import TrainConfig, Trainer

@@ -11,7 +11,7 @@ from threadpoolctl import threadpool_limits
 
 from tinylora.backend import np
 from tinylora.cli import main as cli_main
-from tinylora.datasets import AGENT_CLASSES, agent_task
+from tinylora.data.agents import AGENT_CLASSES, agent_task
 from tinylora.io import load_safetensors
 from tinylora.models import hub
 from tinylora.models.sentence import SentenceEncoder
@@ -132,12 +132,12 @@ def test_agent_task_is_deterministic_balanced_and_disjoint():
         agent_task(test_fraction=1.5)
 
 
-_NOUNS = importlib.import_module("tinylora.datasets.agents")._NOUNS
+_NOUNS = importlib.import_module("tinylora.data.agents")._NOUNS
 
 
 @pytest.mark.slow
 def test_short_lora_finetune_beats_linear_probe(encoder, tmp_path, monkeypatch):
-    from tinylora.finetune_bert import FinetuneSettings, compare_finetuning
+    from tinylora.apps.classify import FinetuneSettings, compare_finetuning
     data = agent_task(n=360)
     settings = FinetuneSettings(steps=40, probe_steps=200, warmup=4)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))     # where a leak would show
@@ -155,7 +155,7 @@ def test_short_lora_finetune_beats_linear_probe(encoder, tmp_path, monkeypatch):
 
 
 def test_full_finetune_and_probe_report(encoder, tmp_path):
-    from tinylora.finetune_bert import FinetuneSettings, compare_finetuning, format_table
+    from tinylora.apps.classify import FinetuneSettings, compare_finetuning, format_table
     data = agent_task(n=48, test_fraction=0.25)
     settings = FinetuneSettings(steps=3, probe_steps=3, warmup=1, batch_size=4)
     with threadpool_limits(1, user_api="blas"):

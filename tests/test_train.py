@@ -201,3 +201,45 @@ def test_cli_train_and_generate(tmp_path, capsys):
     assert err.startswith("tinylora train: error: data file") and "\n" not in err
     assert cli(["generate", "--checkpoint", str(tmp_path), "--prompt", "x"]) == 1
     assert "no checkpoint in" in capsys.readouterr().err
+
+
+class _Regression(nn.Module):
+    """y = x w: forward(x, target) returns (prediction, mean squared error)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 1, bias=False)
+
+    def forward(self, x, target):
+        d = self.proj(tl.tensor(x)) - tl.tensor(target)
+        return d, (d * d).mean()
+
+
+class _Rows:
+    """A batch source: rows of a fixed regression problem, drawn with its own generator."""
+
+    def __init__(self, as_dict):
+        rng = np.random.default_rng(0)
+        self.x = rng.standard_normal((64, 3)).astype(np.float32)
+        self.y = self.x @ np.array([[1.0], [-2.0], [0.5]], dtype=np.float32)
+        self.rng, self.as_dict = np.random.default_rng(1), as_dict
+
+    def train_batch(self, batch_size):
+        rows = self.rng.integers(0, len(self.x), batch_size)
+        return ({"x": self.x[rows], "target": self.y[rows]} if self.as_dict
+                else (self.x[rows], self.y[rows]))
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_a_batch_source_trains_through_the_same_loop(as_dict):
+    tl.manual_seed(0)
+    model = _Regression()
+    seen = []
+    cfg = TrainConfig(max_iters=60, batch_size=8, lr=0.1, warmup_iters=0, eval_interval=0,
+                      log_interval=10, grad_accum_steps=2, progress=False)
+    result = Trainer(model, _Rows(as_dict), cfg, on_step=lambda t: seen.append(t.step)).train()
+    assert seen == list(range(1, 61)) and result.step == 60
+    assert result.tokens_seen == 60 * 2 * 8 * 3              # the first input's size, per batch
+    assert result.losses[60] < 0.05 * result.losses[1]
+    with pytest.raises(ValueError, match="eval_interval=0"):
+        Trainer(model, _Rows(as_dict), TrainConfig(eval_interval=5))

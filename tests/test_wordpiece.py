@@ -10,7 +10,7 @@ import pytest
 
 from tinylora.backend import np
 from tinylora.models import hub
-from tinylora.models.wordpiece import (
+from tinylora.data.wordpiece import (
     WordPieceTokenizer, basic_tokenize, is_punctuation, wordpiece_split)
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "minilm"

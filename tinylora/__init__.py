@@ -27,7 +27,7 @@ int64 = backend.np.dtype("int64")
 uint8 = backend.np.dtype("uint8")
 bool_ = backend.np.dtype("bool")
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402,F401
 
 
 def zeros(*shape, dtype=None, requires_grad: bool = False) -> Tensor:

@@ -18,21 +18,20 @@ import sys
 
 import numpy as np
 
+from . import guard as _guard_module   # below backend: NumPy behind CuPy's rules (tests)
+from .guard import HostSyncError
+
 __all__ = [
     "xp", "np", "DeviceError", "HostSyncError", "set_device", "get_device", "is_cuda", "on_device",
     "get_default_dtype", "set_default_dtype", "default_dtype",
     "asarray", "to_numpy", "is_array", "scatter_add", "erf",
     "manual_seed", "host_rng", "get_rng_state", "set_rng_state",
-    "randn", "rand", "uniform", "normal", "dropout_mask", "no_host_sync",
+    "randn", "rand", "uniform", "normal", "dropout_mask", "no_host_sync", "tune_malloc",
 ]
 
 
 class DeviceError(RuntimeError):
     """An unknown device, or CUDA asked for where CuPy or a GPU is missing."""
-
-
-class HostSyncError(RuntimeError):
-    """A device value was copied to the host inside ``no_host_sync()``."""
 
 
 class _ArrayModule:
@@ -79,11 +78,10 @@ def _guard_namespace() -> dict:
     host conversion or a host array mixed into device work then fails here, not on a GPU.
     """
     global _guard, _array_types
-    from . import guard             # CuPy's names come stored with it: no CuPy needed
-    _guard = guard
-    if guard.GuardArray not in _array_types:
-        _array_types += (guard.GuardArray,)
-    return guard.namespace()
+    _guard = _guard_module            # CuPy's names come stored with it: no CuPy needed
+    if _guard.GuardArray not in _array_types:
+        _array_types += (_guard.GuardArray,)
+    return _guard.namespace()
 
 
 def set_device(name: str) -> None:
@@ -192,7 +190,7 @@ def scatter_add(target, indices, values) -> None:
         import cupyx
         cupyx.scatter_add(target, indices, values)
     elif _guard is not None and isinstance(target, _guard.GuardArray):
-        _guard.scatter_add(target, indices, values)
+        _guard.scatter_add(target, indices, values, scatter_add)
     elif (isinstance(indices, np.ndarray) and indices.ndim == 1 and indices.dtype.kind in "iu"
           and indices.size and values.shape == indices.shape + target.shape[1:]):
         # whole rows (embedding backward): sort the ids and sum each run of equal ids with one
@@ -410,12 +408,20 @@ def dropout_mask(shape, p: float, dtype=None):
 # each step would fault every page in again: measured here, 234k page faults and a third of
 # the step in the kernel for the small GPT. Keeping freed memory in the heap (like PyTorch's
 # caching allocator on the GPU) removes that. Resident memory then stays at its peak.
-# Opt out with TINYLORA_MALLOC_TUNING=0.
+# It changes the whole process, so importing tinylora never does it: the Trainer calls
+# tune_malloc() when training starts, and so does the command line. Opt out with
+# TINYLORA_MALLOC_TUNING=0.
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+malloc_tuned = False   # whether tune_malloc() has set glibc's thresholds in this process
 
 
-def _tune_malloc() -> bool:
+def tune_malloc() -> bool:
+    """Keep freed memory in the process heap (glibc ``mallopt``); idempotent. Returns whether
+    the thresholds are set: False off Linux/glibc or under TINYLORA_MALLOC_TUNING=0."""
+    global malloc_tuned
+    if malloc_tuned:
+        return True
     if os.environ.get("TINYLORA_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
@@ -423,12 +429,10 @@ def _tune_malloc() -> bool:
         libc = ctypes.CDLL("libc.so.6")
         ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)       # glibc's maximum
         ok &= libc.mallopt(_M_TRIM_THRESHOLD, 1024 * 1024 * 1024)    # keep up to 1 GiB free
-        return bool(ok)
     except (OSError, AttributeError):  # not glibc (musl, macOS): leave the allocator alone
         return False
-
-
-malloc_tuned = _tune_malloc()
+    malloc_tuned = bool(ok)
+    return malloc_tuned
 startup_error: DeviceError | None = None
 try:
     set_device(os.environ.get("TINYLORA_DEVICE", "cpu"))

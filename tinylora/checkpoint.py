@@ -27,48 +27,14 @@ import os
 import secrets
 import shutil
 
-from .io import (FormatError, config_from_dict, load_json, load_safetensors, make_folder,
-                 read_safetensors_header, save_json, save_safetensors)
+from .configs import config_from_dict
+from .io import FormatError, load_json, make_folder, read_safetensors_header, save_json
+from .nn.weights import MODEL_FILE, load_model_weights, save_model_weights
 
 __all__ = ["save_checkpoint", "resolve_checkpoint", "save_model_weights", "load_model_weights",
            "load_gpt", "save_gpt", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "tinylora-checkpoint"
-MODEL_FILE = "model.safetensors"
-
-
-def save_model_weights(model, folder) -> None:
-    """Write ``model.safetensors``: every parameter and buffer, a shared (tied) tensor once."""
-    if hasattr(model, "weights_to_save"):
-        tensors = model.weights_to_save()
-    else:
-        tensors, seen = {}, set()
-        for k, t in model.state_dict().items():
-            if id(t) not in seen:
-                seen.add(id(t))
-                tensors[k] = t.data
-    save_safetensors(os.path.join(folder, MODEL_FILE), tensors, {"format": "tinylora"})
-
-
-def load_model_weights(model, folder) -> None:
-    """Load ``model.safetensors`` from ``folder`` into ``model`` (strict)."""
-    path = os.path.join(folder, MODEL_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: {folder} is not a complete checkpoint")
-    tensors, _ = load_safetensors(path)
-    if hasattr(model, "load_weights"):
-        model.load_weights(tensors, source=path)
-        return
-    sd = model.state_dict()
-    for k, t in sd.items():   # tied names written once: fill in the aliases
-        if k not in tensors:
-            twin = next((j for j, u in sd.items() if u is t and j in tensors), None)
-            if twin is not None:
-                tensors[k] = tensors[twin]
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise type(e)(f"{path}: {e}") from None
 
 
 def _fsync_dir(path) -> None:
@@ -249,7 +215,7 @@ def load_gpt(path):
     bpe = isinstance(config["tokenizer"], dict) and config["tokenizer"].get("type") == "gpt2-bpe"
     try:
         if bpe:    # a model fine-tuned from a Hugging Face GPT-2 keeps its BPE tokenizer
-            from .models.gpt2_tokenizer import GPT2Tokenizer
+            from .data.gpt2_bpe import GPT2Tokenizer
             tokenizer = GPT2Tokenizer.from_dict(config["tokenizer"])
         else:
             tokenizer = CharTokenizer.from_dict(config["tokenizer"])

@@ -16,8 +16,10 @@ CuPy array refuses. What it catches, each a bug that would otherwise surface onl
    boolean-mask indexing and ``nonzero`` (whose result size lives on the device) are
    counted, and refused inside ``backend.no_host_sync()``.
 
-Only ``backend`` builds this namespace; nothing else imports this module. CuPy's names come
-from ``cupy_namespace.json`` next to this file (made from a pinned CuPy by
+Only ``backend`` imports this module (for ``HostSyncError``) and builds its namespace. It
+sits below backend and imports nothing from tinylora: it is NumPy itself, restricted, so it
+is the one module besides backend that imports numpy. CuPy's names come from
+``cupy_namespace.json`` next to this file (made from a pinned CuPy by
 ``tests/fixtures/make_cupy_namespace.py``), so the guard needs no CuPy installed.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ import contextlib
 import json
 import os
 
-from .backend import HostSyncError, np
+import numpy as np
 
 __all__ = ["GuardArray", "namespace", "wrap", "scatter_add", "no_host_sync", "sync_count",
            "op_count"]
@@ -37,6 +39,11 @@ _IMPLICIT = ("Implicit conversion to a NumPy array is not allowed. Please use `.
 _SCALARS = (bool, int, float, complex, np.generic)
 
 # --------------------------------------------------------------------------- host syncs
+
+class HostSyncError(RuntimeError):
+    """A device value was copied to the host inside ``no_host_sync()`` (``backend`` re-exports
+    it: on device "cuda" CuPy's detector raises it too)."""
+
 
 _forbid = 0
 _syncs = 0
@@ -512,16 +519,16 @@ def namespace(cupy_names: dict | None = None) -> dict:
     return top
 
 
-def scatter_add(target: GuardArray, indices, values) -> None:
+def scatter_add(target: GuardArray, indices, values, host_scatter_add) -> None:
     """``cupyx.scatter_add``: target[indices] += values, repeated indices adding up; CuPy's
-    atomicAdd takes only these dtypes."""
+    atomicAdd takes only these dtypes. ``host_scatter_add`` (backend's) does the adding on
+    the unwrapped arrays, so the sums come out in the CPU's own order."""
     if target.dtype not in _SCATTER_DTYPES:
         raise TypeError(f"scatter_add only supports int32, float16, float32, float64, uint32, "
                         f"uint64 as data type (CuPy), got {target.dtype}")
     i, _ = _index(indices, "scatter_add")
     v = values._a if type(values) is GuardArray else values
-    from . import backend
-    backend.scatter_add(target._a, i, v)    # the host's own summation order: CPU-identical sums
+    host_scatter_add(target._a, i, v)    # the host's own summation order: CPU-identical sums
 
 
 _SCATTER_DTYPES = tuple(np.dtype(t) for t in ("int32", "float16", "float32", "float64",

@@ -454,6 +454,3 @@ def load_json(path):
     except (ValueError, RecursionError) as e:
         _fail(where, f"invalid JSON: {str(e)[:200]}")
 
-
-# Config validation lives in its own module; io re-exports it (existing imports keep working).
-from .configs import ConfigError, config_from_dict  # noqa: E402

@@ -2,7 +2,11 @@
 
 ``Trainer`` trains any Module whose ``forward(x, y)`` returns ``(logits, loss)``, updating
 only parameters that require grad, so a LoRA fine-tune reuses it unchanged: pass the
-prepared model, its optimizer and a ``save_model`` that writes only the adapter.
+prepared model, its optimizer and a ``save_model`` that writes only the adapter. Besides
+text (random windows of a token array), it takes any batch source: an object whose
+``train_batch(batch_size)`` returns the model's inputs (a tuple, or a dict of keyword
+arguments) with the loss second in what the model returns (the MiniLM classifier's batches
+of sentences and labels, for one). It is the one training loop of the package.
 
 Reproducible by construction: a fresh run reseeds both RNG streams with ``config.seed`` at
 step 0; batches come from the host stream, dropout from the device stream, and both states
@@ -162,22 +166,37 @@ class Trainer:
     save_model / load_model: ``fn(model, folder)`` writing / reading the weights of a
     checkpoint (default: model.safetensors with every weight).
     run_config: extra JSON merged into each checkpoint's config.json (e.g. a LoRA config).
+    on_step: ``fn(trainer)`` called after every optimizer step (timing, logging).
+
+    ``data`` may instead be a batch source (see the module docstring): training draws its
+    batches from ``data.train_batch(batch_size)``; evaluation (text only) is then off.
     """
 
     def __init__(self, model, data, config: TrainConfig | None = None, out_dir=None, *,
-                 optimizer=None, save_model=None, load_model=None, run_config: dict | None = None):
+                 optimizer=None, save_model=None, load_model=None, run_config: dict | None = None,
+                 on_step=None):
         self.model, self.config = model, config or TrainConfig()
         cfg = self.config
+        self.source = data if hasattr(data, "train_batch") else None
         self.data = data if isinstance(data, TextData) else None
-        self.train_data, self.val_data = (data.train, data.val) if self.data else data
         model_cfg = getattr(model, "config", None)
-        self.block_size = cfg.block_size or getattr(model_cfg, "block_size", None)
-        if not self.block_size:
-            raise ValueError("Trainer: set TrainConfig.block_size (the model has no config.block_size)")
-        for name, arr in (("training", self.train_data), ("validation", self.val_data)):
-            if len(arr) < self.block_size + 1:
-                raise ValueError(f"the {name} data has {len(arr)} tokens, fewer than block_size + 1 "
-                                 f"= {self.block_size + 1}; use a smaller block size or more text")
+        if self.source is not None:
+            if cfg.eval_interval:
+                raise ValueError("Trainer: a batch source has no validation windows; set "
+                                 "TrainConfig.eval_interval=0 and evaluate the model yourself")
+            self.train_data = self.val_data = None
+            self.block_size = cfg.block_size
+        else:
+            self.train_data, self.val_data = (data.train, data.val) if self.data else data
+            self.block_size = cfg.block_size or getattr(model_cfg, "block_size", None)
+            if not self.block_size:
+                raise ValueError("Trainer: set TrainConfig.block_size (the model has no "
+                                 "config.block_size)")
+            for name, arr in (("training", self.train_data), ("validation", self.val_data)):
+                if len(arr) < self.block_size + 1:
+                    raise ValueError(f"the {name} data has {len(arr)} tokens, fewer than "
+                                     f"block_size + 1 = {self.block_size + 1}; use a smaller "
+                                     "block size or more text")
         self.params = [p for p in model.parameters() if p.requires_grad]
         if optimizer is None:
             optimizer = AdamW(param_groups(self.params, cfg.weight_decay), lr=cfg.lr,
@@ -190,6 +209,8 @@ class Trainer:
         self.save_model = save_model or save_model_weights
         self.load_model = load_model or load_model_weights
         self.run_config = run_config or {}
+        self.on_step = on_step
+        self._source_tokens = 0         # tokens of a batch source's batches in this step
         self.step, self.tokens_seen, self.skipped = 0, 0, 0
         self.evals, self.last_loss = [], None
         self.checkpoint = None          # the last checkpoint written or resumed from
@@ -288,6 +309,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         c = self.config
+        backend.tune_malloc()   # keep freed arrays in the heap: see backend (opt-out env var)
         if self.step == 0 and not self._resumed:
             backend.manual_seed(c.seed)
         self._metrics = None
@@ -301,11 +323,12 @@ class Trainer:
                                        "folder you can write to") from None
         ckpt_every = c.eval_interval if c.checkpoint_interval is None else c.checkpoint_interval
         result = TrainResult(step=self.step, skipped=self.skipped, start_step=self.step)
-        tokens_per_step = c.batch_size * self.block_size * c.grad_accum_steps
+        # text: batch_size windows of block_size tokens; a batch source's batches are counted
+        tokens_per_step = c.batch_size * self.block_size * c.grad_accum_steps if self.block_size else 0
         bar = tqdm(total=c.max_iters, initial=self.step, disable=not c.progress, unit="step",
                    dynamic_ncols=True, leave=True)
         t_start = t_log = time.perf_counter()
-        steps_since_log = 0
+        tokens_since_log = 0
         # On a GPU, reading the loss every step would stall it: steps run ahead and their
         # (loss, grad norm) pairs wait on the device until the next log, eval or save, where
         # one transfer reads them all and checks them for NaN/Inf. Skipping a non-finite step
@@ -322,7 +345,9 @@ class Trainer:
                 lr = self.lr_at(self.step)
                 for g, scale in zip(self.optimizer.param_groups, self._lr_scale):
                     g["lr"] = lr * scale
+                self._source_tokens = 0
                 loss_sum = self._accumulate()
+                step_tokens = tokens_per_step or self._source_tokens
                 if deferred:
                     norm = clip_grad_norm_(self.params, c.grad_clip, sync=False)
                     finite = True                      # checked when read, below
@@ -334,14 +359,14 @@ class Trainer:
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                     self.step += 1
-                    self.tokens_seen += tokens_per_step
+                    self.tokens_seen += step_tokens
                     if deferred:
                         pending.append((self.step, loss_sum, norm))
                     else:
                         self.last_loss = result.losses[self.step] = loss
                 else:
                     self._nonfinite(loss, norm)        # raises, or counts the step as skipped
-                steps_since_log += 1
+                tokens_since_log += step_tokens
                 bar.update(1)
                 end = self.step == c.max_iters
                 log_due = finite and (self.step % c.log_interval == 0 or end)
@@ -351,8 +376,8 @@ class Trainer:
                     loss, norm = self._read_pending(pending, result)   # raises on NaN/Inf
                 if log_due:
                     now = time.perf_counter()
-                    tps = steps_since_log * tokens_per_step / max(now - t_log, 1e-9)
-                    t_log, steps_since_log = now, 0
+                    tps = tokens_since_log / max(now - t_log, 1e-9)
+                    t_log, tokens_since_log = now, 0
                     self._log({"event": "train", "step": self.step, "train_loss": loss, "lr": lr,
                                "grad_norm": norm, "tokens_per_s": tps,
                                "elapsed_s": now - t_start})
@@ -364,6 +389,8 @@ class Trainer:
                                   f"val loss {rec['val_loss']:.4f}")
                 if save_due:
                     self.save()
+                if self.on_step is not None and finite:
+                    self.on_step(self)
                 if stop.signal is not None and not end:
                     if pending:
                         self._read_pending(pending, result)
@@ -384,12 +411,18 @@ class Trainer:
 
     def _accumulate(self):
         """Forward and backward over grad_accum_steps micro-batches; the micro-batch losses'
-        sum as a 0-d device array (no sync; the mean loss is float(sum) / grad_accum_steps)."""
+        sum as a 0-d device array (no sync; the mean loss is float(sum) / grad_accum_steps).
+        A batch source's batches count their first input's size as the step's tokens."""
         c = self.config
         total = None
         for _ in range(c.grad_accum_steps):
-            x, y = get_batch(self.train_data, self.block_size, c.batch_size)
-            _, loss = self.model(x, y)
+            if self.source is None:
+                _, loss = self.model(*get_batch(self.train_data, self.block_size, c.batch_size))
+            else:
+                batch = self.source.train_batch(c.batch_size)
+                args = list(batch.values()) if isinstance(batch, dict) else batch
+                self._source_tokens += int(args[0].size)
+                loss = (self.model(**batch) if isinstance(batch, dict) else self.model(*batch))[1]
             (loss * (1.0 / c.grad_accum_steps)).backward()
             total = loss.data if total is None else total + loss.data
         return total
@@ -491,7 +524,7 @@ def train_gpt(data: str | None = None, out_dir=None, *, model_args: dict | None 
     config; train_args given here override the saved ones (e.g. a larger max_iters).
     """
     from .data import CharTokenizer, load_data
-    from .io import config_from_dict
+    from .configs import config_from_dict
     from .models.gpt import GPT, GPTConfig
 
     model_args, train_args = dict(model_args or {}), dict(train_args or {})

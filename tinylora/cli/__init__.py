@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
     return f"tinylora {__version__}"
 
 
@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     if backend.startup_error is not None:
         print(f"tinylora: error: {backend.startup_error}", file=sys.stderr)
         return 1
+    backend.tune_malloc()   # a command owns its process: keep freed arrays in the heap
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     unknown = _unknown_command(argv)

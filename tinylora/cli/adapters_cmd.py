@@ -26,7 +26,7 @@ def register(sub, name, summary):
 
 def _describe(folder) -> dict:
     """The facts of one adapter folder, read from its files without loading any model."""
-    from ..finetune import finetune_info
+    from ..apps.finetune import finetune_info
     from ..io import load_json, read_safetensors_header
     from ..lora.adapters import CONFIG_NAME, FINGERPRINT_KEY, WEIGHTS_NAME
     cfg = load_json(os.path.join(folder, CONFIG_NAME))
@@ -52,7 +52,7 @@ def _describe(folder) -> dict:
 
 
 def run_list(args) -> int:
-    from ..finetune import is_adapter_dir
+    from ..apps.finetune import is_adapter_dir
     if not os.path.isdir(args.dir):
         raise FileNotFoundError(f"{args.dir!r} is not a folder")
     found = []
@@ -77,7 +77,7 @@ def run_list(args) -> int:
 
 
 def _check_base(folder, base) -> dict:
-    from ..finetune import load_finetuned
+    from ..apps.finetune import load_finetuned
     from ..lora import AdapterLoadError, BaseModelMismatchError
     try:
         load_finetuned(folder, base)
@@ -90,7 +90,7 @@ def _check_base(folder, base) -> dict:
 
 
 def run_inspect(args) -> int:
-    from ..finetune import is_adapter_dir
+    from ..apps.finetune import is_adapter_dir
     if not is_adapter_dir(args.dir):
         raise FileNotFoundError(f"{args.dir!r} is not an adapter folder (needs adapter_config.json "
                                 "and adapter_model.safetensors)")

@@ -9,7 +9,7 @@ from .common import HelpFormatter, add_json, print_json, table
 
 
 def _train_args(p) -> None:
-    from ..bench import TRAIN_CONFIGS
+    from ..apps.bench import TRAIN_CONFIGS
     p.add_argument("--config", action="append", choices=sorted(TRAIN_CONFIGS), default=None,
                    help="configuration to time (repeatable; default: all)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -23,14 +23,14 @@ def _train_args(p) -> None:
 
 
 def _train_run(args) -> list:
-    from ..bench import TRAIN_CONFIGS, bench_train_step, run_isolated
+    from ..apps.bench import TRAIN_CONFIGS, bench_train_step, run_isolated
     fn = bench_train_step if args.in_process else run_isolated
     return [fn(name, warmup=args.warmup, repeats=args.repeats, threads=args.threads, mode=args.mode)
             for name in (args.config or list(TRAIN_CONFIGS))]
 
 
 def _one_config(p, default="gpt-6x384") -> None:
-    from ..bench import TRAIN_CONFIGS
+    from ..apps.bench import TRAIN_CONFIGS
     p.add_argument("--config", default=default, choices=sorted(TRAIN_CONFIGS), help="configuration")
     p.add_argument("--threads", type=int, default=None, help="cap BLAS threads (default: the library's own setting)")
 
@@ -41,7 +41,7 @@ def _lora_args(p) -> None:
 
 
 def _lora_run(args) -> list:
-    from ..bench import lora_vs_full
+    from ..apps.bench import lora_vs_full
     return [lora_vs_full(args.config, repeats=args.repeats, threads=args.threads)]
 
 
@@ -51,7 +51,7 @@ def _infer_args(p) -> None:
 
 
 def _infer_run(args) -> list:
-    from ..bench import inference_figures
+    from ..apps.bench import inference_figures
     return [inference_figures(args.config, repeats=args.repeats, threads=args.threads)]
 
 
@@ -62,7 +62,7 @@ def _qlora_args(p) -> None:
 
 
 def _qlora_run(args) -> list:
-    from ..quant.bench import qlora_figures
+    from ..apps.bench_qlora import qlora_figures
     return [{"target": "qlora", "config": args.config,
              **qlora_figures(args.config, matrix=args.matrix, steps=args.steps, threads=args.threads)}]
 
@@ -73,7 +73,7 @@ def _encode_args(p) -> None:
 
 
 def _encode_run(args) -> list:
-    from ..bench import encode_figures
+    from ..apps.bench import encode_figures
     return [encode_figures(batch_size=args.batch_size, threads=args.threads)]
 
 

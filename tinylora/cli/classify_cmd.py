@@ -29,8 +29,8 @@ def register(sub, name, summary):
 
 
 def run(args) -> int:
-    from ..datasets import agent_task
-    from ..finetune_bert import METHODS, FinetuneSettings, compare_finetuning, format_table
+    from ..data.agents import agent_task
+    from ..apps.classify import METHODS, FinetuneSettings, compare_finetuning, format_table
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHODS]

@@ -30,7 +30,7 @@ def register(sub, name, summary):
 
 
 def run(args) -> int:
-    from ..demo import format_report, run_demo
+    from ..apps.demo import format_report, run_demo
     results = run_demo(args.out, quick=args.quick, seed=args.seed, isolate=not args.in_process,
                        progress=not (args.no_progress or args.json), fresh=args.fresh,
                        threads=args.threads, debug=args.debug or args.debug_cmd)

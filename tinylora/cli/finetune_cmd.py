@@ -57,7 +57,7 @@ def _target_modules(text: str):
 def run(args) -> int:
     from .. import backend, lora
     from ..data import load_data
-    from ..finetune import finetune, load_base, load_pretrained, prepare, save_finetuned
+    from ..apps.finetune import finetune, load_base, load_pretrained, prepare, save_finetuned
     from ..train import TrainConfig
 
     method = "full" if args.full else "qlora" if args.qlora else "lora"

@@ -33,7 +33,7 @@ def run(args) -> int:
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.adapter:
-        from ..finetune import load_finetuned
+        from ..apps.finetune import load_finetuned
         model, tok, _ = load_finetuned(args.adapter, args.checkpoint)
     elif args.checkpoint:
         model, tok, _ = load_gpt(args.checkpoint)

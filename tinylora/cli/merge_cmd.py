@@ -31,7 +31,7 @@ def run(args) -> int:
     from .. import lora
     from ..backend import np, to_numpy
     from ..checkpoint import save_gpt
-    from ..finetune import load_finetuned
+    from ..apps.finetune import load_finetuned
     from ..tensor import no_grad
 
     out = args.out or os.path.normpath(args.adapter) + "-merged"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from .. import __version__
+from ..version import __version__
 from ..backend import np, xp
 from ..io import load_json, load_safetensors, read_safetensors_header, save_json, save_safetensors
 from ..nn.module import Parameter

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..io import ConfigError
+from ..configs import ConfigError
 
 __all__ = ["LoraConfig", "ALL_LINEAR", "BIAS_MODES"]
 

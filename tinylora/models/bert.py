@@ -22,8 +22,8 @@ from .. import backend
 from .. import functional as F
 from .. import nn
 from ..backend import np, xp
-from ..io import (FormatError, config_from_dict, load_json, load_safetensors,
-                  read_safetensors_header)
+from ..configs import config_from_dict
+from ..io import FormatError, load_json, load_safetensors, read_safetensors_header
 from ..ops import cat
 from ..tensor import Tensor
 

@@ -16,6 +16,7 @@ from ..backend import np, xp
 from ..nn import (Block, Dropout, Embedding, KVCache, LayerNorm, Linear, Module, ModuleDict,
                   ModuleList, Parameter, adapter_routing, checkpoint)
 from ..tensor import Tensor, is_grad_enabled, no_grad
+from .gpt2_hf import load_gpt2_hf
 
 __all__ = ["GPTConfig", "GPT", "sample_logits"]
 
@@ -188,8 +189,7 @@ class GPT(Module):
     def from_hf(cls, folder, *, dropout: float = 0.0) -> "GPT":
         """A GPT-2 from a Hugging Face folder (config.json + model.safetensors), in the
         default dtype. See ``tinylora.models.gpt2_hf``."""
-        from .gpt2_hf import load_gpt2_hf
-        return load_gpt2_hf(cls, folder, dropout=dropout)
+        return load_gpt2_hf(cls, folder, config_cls=GPTConfig, dropout=dropout)
 
     def save_hf(self, folder, tokenizer=None) -> str:
         """Write this GPT as a Hugging Face GPT-2 folder that ``from_hf`` and transformers'

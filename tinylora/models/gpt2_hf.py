@@ -22,10 +22,10 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")   # one function, three spellings
 
 
-def gpt_config_from_hf(cfg: dict, where: str, dropout: float = 0.0):
-    """GPTConfig from a parsed HF GPT-2 config.json; unsupported variants are FormatErrors."""
-    from .gpt import GPTConfig
-
+def gpt_config_from_hf(cfg: dict, where: str, config_cls, dropout: float = 0.0):
+    """``config_cls`` (GPTConfig) from a parsed HF GPT-2 config.json; unsupported variants
+    are FormatErrors. The classes come from the caller: gpt.py imports this loader, not
+    the other way round."""
     arch = cfg.get("architectures") or []
     if cfg.get("model_type") != "gpt2" or any(a not in ("GPT2LMHeadModel", "GPT2Model") for a in arch):
         raise FormatError(f"{where}: model_type {cfg.get('model_type')!r} / architectures {arch} "
@@ -53,14 +53,14 @@ def gpt_config_from_hf(cfg: dict, where: str, dropout: float = 0.0):
         if not ok:
             raise FormatError(f"{where}: {key}={cfg.get(key)!r} is not supported ({need})")
     try:
-        return GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg["n_positions"],
+        return config_cls(vocab_size=cfg["vocab_size"], block_size=cfg["n_positions"],
                          n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=C, dropout=dropout)
     except ValueError as e:
         raise FormatError(f"{where}: {e}") from None
 
 
-def load_gpt2_hf(cls, folder, *, dropout: float = 0.0):
-    """``cls(config)`` (a GPT) with the weights of the HF GPT-2 in ``folder``."""
+def load_gpt2_hf(cls, folder, *, config_cls, dropout: float = 0.0):
+    """``cls(config_cls(...))`` (a GPT) with the weights of the HF GPT-2 in ``folder``."""
     folder = os.fspath(folder)
     cfg_path = os.path.join(folder, "config.json")
     weights = os.path.join(folder, "model.safetensors")
@@ -75,7 +75,7 @@ def load_gpt2_hf(cls, folder, *, dropout: float = 0.0):
         hint = (f" (found {other[0]}: tinylora reads single-file safetensors only, never pickles; "
                 "convert it with transformers' save_pretrained(safe_serialization=True))") if other else ""
         raise FileNotFoundError(f"GPT.from_hf: {weights} is missing{hint}")
-    config = gpt_config_from_hf(load_json(cfg_path), cfg_path, dropout)
+    config = gpt_config_from_hf(load_json(cfg_path), cfg_path, config_cls, dropout)
     model = cls(config)
 
     header, _ = read_safetensors_header(weights)

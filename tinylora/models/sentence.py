@@ -14,11 +14,11 @@ import pathlib
 
 from .. import backend
 from ..backend import np, xp
+from ..data.wordpiece import WordPieceTokenizer
 from ..io import load_json
 from ..tensor import Tensor, no_grad
 from .bert import BertModel
 from .hub import find_minilm
-from .wordpiece import WordPieceTokenizer
 
 __all__ = ["SentenceEncoder", "mean_pool"]
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from .. import nn
 from ..backend import np
 from ..io import FormatError, load_json, load_safetensors, make_folder, save_json
+from ..nn.weights import save_model_weights
 from .linear4bit import _META, Linear4bit, _decode_metadata
 
 __all__ = ["quantize_model", "QuantReport", "quantization_config", "apply_quantization_config",
@@ -199,7 +200,6 @@ def apply_quantization_config(model, config: dict):
 def save_quantized(model, folder) -> None:
     """Write ``model.safetensors`` (codes and quant state; a tied tensor once) and
     ``quantization_config.json`` into ``folder``."""
-    from ..checkpoint import save_model_weights
     cfg = quantization_config(model)
     if cfg is None:
         raise ValueError(f"save_quantized: this {type(model).__name__} has no Linear4bit layers; "

@@ -1,6 +1,6 @@
 """`tinylora demo`: pretrain a small GPT on English, then teach it Python three ways.
 
-    from tinylora.demo import run_demo
+    from tinylora.apps.demo import run_demo
     results = run_demo("tinylora-demo", quick=True)      # the same dict metrics.json holds
 
 1. Pretrain a character-level GPT on ``builtin:prose`` (or reuse ``<out>/base/`` when it
@@ -62,7 +62,7 @@ class DemoSettings:
     temperature: float = 0.8
 
     def base_train_config(self, progress: bool):
-        from .train import TrainConfig
+        from ..train import TrainConfig
         return TrainConfig(max_iters=self.pretrain_iters, batch_size=self.batch_size,
                            lr=self.pretrain_lr, warmup_iters=max(1, self.pretrain_iters // 20),
                            eval_interval=max(1, self.pretrain_iters // 4), eval_iters=self.eval_iters,
@@ -70,7 +70,7 @@ class DemoSettings:
                            progress=progress)
 
     def finetune_train_config(self, method: str, progress: bool):
-        from .train import TrainConfig
+        from ..train import TrainConfig
         return TrainConfig(max_iters=self.finetune_iters, batch_size=self.batch_size,
                            lr=self.full_lr if method == "full" else self.lora_lr,
                            warmup_iters=max(1, self.finetune_iters // 10), weight_decay=0.0,
@@ -78,7 +78,7 @@ class DemoSettings:
                            seed=self.seed + 1, progress=progress)
 
     def lora_config(self):
-        from .lora import LoraConfig
+        from ..lora import LoraConfig
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=self.target_modules)
 
@@ -103,7 +103,7 @@ def _log(msg: str) -> None:
 
 # ----------------------------------------------------------------------------- phases
 # Each phase is a function of (settings, out folder) returning a JSON-able dict, so it can
-# run in this process or in a child process (`python -m tinylora.demo --phase ...`).
+# run in this process or in a child process (`python -m tinylora.apps.demo --phase ...`).
 
 def _base_dir(out) -> str:
     return os.path.join(os.fspath(out), "base")
@@ -114,9 +114,9 @@ def _cached_base(s: DemoSettings, out):
     settings and data; (None, why not) otherwise."""
     import hashlib
 
-    from .checkpoint import resolve_checkpoint
-    from .data import read_corpus
-    from .io import load_json
+    from ..checkpoint import resolve_checkpoint
+    from ..data import read_corpus
+    from ..io import load_json
     base = _base_dir(out)
     if not os.path.exists(base):
         return None, "no base yet"
@@ -146,10 +146,10 @@ def _cached_base(s: DemoSettings, out):
 
 
 def phase_pretrain(s: DemoSettings, out, progress: bool = True) -> dict:
-    from . import backend
-    from .data import load_data
+    from .. import backend
+    from ..data import load_data
     from .finetune import TimedTrainer
-    from .models.gpt import GPT, GPTConfig
+    from ..models.gpt import GPT, GPTConfig
     data = load_data(s.base_data, block_size=s.block_size)
     backend.manual_seed(s.seed)
     model = GPT(GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=s.block_size,
@@ -164,7 +164,7 @@ def phase_pretrain(s: DemoSettings, out, progress: bool = True) -> dict:
 
 
 def _sample(model, tok, s: DemoSettings) -> str:
-    from .backend import np
+    from ..backend import np
     ids = tok.encode(s.prompt)[None]
     out = model.generate(ids, s.sample_tokens, temperature=s.temperature,
                          rng=np.random.default_rng(s.seed))
@@ -172,7 +172,7 @@ def _sample(model, tok, s: DemoSettings) -> str:
 
 
 def phase_finetune(s: DemoSettings, out, method: str, progress: bool = True) -> dict:
-    from .data import load_data
+    from ..data import load_data
     from .finetune import finetune, load_base, prepare, save_finetuned
     t0 = time.perf_counter()
     model, tok, _ = load_base(_base_dir(out))
@@ -200,7 +200,7 @@ def _blas_threads(threads: int | None):
     """A context capping BLAS threads (None or 0: the library's own choice). The demo's
     matrices are small (at most 512 wide): on 2 cores one thread is as fast, and on a busy
     machine it avoids BLAS threads spinning against other processes."""
-    from .blas import limit_threads
+    from ..blas import limit_threads
     return limit_threads(threads)
 
 
@@ -218,7 +218,7 @@ def _run_phase(name: str, s: DemoSettings, out, isolate: bool, progress: bool,
         res = _phase(name, s, out, progress, threads)
         res["peak_rss_mb"] = None
         return res
-    cmd = [sys.executable, "-m", "tinylora.demo", "--phase", name, "--out", os.fspath(out),
+    cmd = [sys.executable, "-m", "tinylora.apps.demo", "--phase", name, "--out", os.fspath(out),
            "--settings", json.dumps(asdict(s)), "--threads", str(threads or 0)]
     cmd += ([] if progress else ["--no-progress"]) + (["--debug"] if debug else [])
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)   # stderr (bars) passes through
@@ -236,7 +236,7 @@ def _child(argv=None) -> None:
     import argparse
 
     from .bench import peak_rss_mb
-    ap = argparse.ArgumentParser(prog="python -m tinylora.demo",
+    ap = argparse.ArgumentParser(prog="python -m tinylora.apps.demo",
                                  description="one phase of `tinylora demo` (prints JSON)")
     ap.add_argument("--phase", required=True, choices=("pretrain",) + METHODS)
     ap.add_argument("--out", required=True)
@@ -245,6 +245,8 @@ def _child(argv=None) -> None:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--debug", action="store_true", help="a traceback on errors")
     a = ap.parse_args(argv)
+    from .. import backend
+    backend.tune_malloc()   # before anything is allocated, so the phase's peak RSS is its own
     try:
         s = DemoSettings(**json.loads(a.settings))
         res = _phase(a.phase, s, a.out, not a.no_progress, a.threads)
@@ -270,7 +272,7 @@ def _cpu_seconds() -> float:
 
 def _machine() -> dict:
     from .bench import _blas_info
-    from .backend import np
+    from ..backend import np
     return {"platform": platform.platform(), "processor": platform.machine(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "numpy": np.__version__, "blas": _blas_info(None).get("libraries")}
@@ -288,8 +290,8 @@ def run_demo(out="tinylora-demo", *, quick: bool = False, settings: DemoSettings
     threads: BLAS threads per phase (None or 0: the library's default). debug: a failing
     child process prints its traceback.
     """
-    from . import viz
-    from .io import save_json
+    from .. import viz
+    from ..io import save_json
     s = settings or (QUICK if quick else SETTINGS)
     if seed is not None:
         s = replace(s, seed=seed)
@@ -303,7 +305,7 @@ def run_demo(out="tinylora-demo", *, quick: bool = False, settings: DemoSettings
     if folder is not None:
         log(f"[1/4] reusing the base model in {_base_dir(out)} (same settings, seed and data); "
             "pass --fresh to pretrain again")
-        from .io import load_json
+        from ..io import load_json
         state = load_json(os.path.join(folder, "trainer_state.json"))
         evals = state.get("evals") or []
         results["base"] = {"phase": "pretrain", "cached": True, "data": s.base_data,
@@ -369,7 +371,7 @@ def report_rows(results: dict) -> list:
 
 
 def format_report(results: dict) -> str:
-    from .cli.common import table
+    from .report import table
     s, b = results["settings"], results["base"]
     lines = []
     how = f"{b['steps']} steps, reused from {results['out']}/base/" if b.get("cached") else \

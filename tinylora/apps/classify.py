@@ -1,7 +1,7 @@
 """Fine-tune the real all-MiniLM-L6-v2 on a built-in task: linear probe vs LoRA vs full.
 
-    from tinylora.finetune_bert import compare_finetuning, format_table
-    rows = compare_finetuning()          # all-MiniLM-L6-v2 on datasets.agent_task()
+    from tinylora.apps.classify import compare_finetuning, format_table
+    rows = compare_finetuning()          # all-MiniLM-L6-v2 on data.agent_task()
     print(format_table(rows))
 
 Three ways to adapt a pretrained encoder to a classification task, on the same data:
@@ -24,17 +24,18 @@ import time
 import tracemalloc
 from dataclasses import dataclass
 
-from . import backend, lora
-from . import functional as F
-from .backend import np, xp
-from .datasets import agent_task
-from .models.classify import BertClassifier
-from .models.hub import find_minilm
-from .models.wordpiece import WordPieceTokenizer
-from .optim import AdamW, clip_grad_norm_, cosine_lr
-from .tensor import Tensor, no_grad
+from .. import backend, lora, nn
+from .. import functional as F
+from ..backend import np, xp
+from ..data.agents import agent_task
+from ..data.wordpiece import WordPieceTokenizer
+from ..models.classify import BertClassifier
+from ..models.hub import find_minilm
+from ..optim import AdamW
+from ..tensor import Tensor, no_grad
+from ..train import TrainConfig, Trainer
 
-__all__ = ["FinetuneSettings", "compare_finetuning", "finetune", "linear_probe", "evaluate",
+__all__ = ["FinetuneSettings", "compare_finetuning", "finetune_classifier", "linear_probe", "evaluate",
            "encode_texts", "format_table", "METHODS"]
 
 METHODS = ("probe", "lora", "full")
@@ -112,20 +113,83 @@ class _PeakMemory:
         return peak / 2**20
 
 
-def _train_loop(step_fn, steps: int) -> tuple:
-    """Run ``step_fn(step)`` ``steps`` times: (median seconds of the untraced steps, peak MB)."""
-    mem, times, peak = _PeakMemory(), [], 0.0
-    for step in range(steps):
-        if step == 0:
-            mem.start()
-        t0 = time.perf_counter()
-        step_fn(step)
-        dt = time.perf_counter() - t0
-        if step == min(_TRACED_STEPS, steps) - 1:
-            peak = mem.stop()
-        elif step >= _TRACED_STEPS:
-            times.append(dt)
-    return (statistics.median(times) if times else float("nan")), peak
+class _StepMeter:
+    """Peak memory over the first ``_TRACED_STEPS`` steps and the time of each later step.
+    ``start()`` before the first step, ``step(i)`` after step i (0-based); ``result()`` is
+    (median seconds of the untraced steps, peak MB)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.mem, self.times, self.peak = steps, _PeakMemory(), [], 0.0
+
+    def start(self):
+        self.mem.start()
+        self.t0 = time.perf_counter()
+
+    def step(self, i: int):
+        dt = time.perf_counter() - self.t0
+        if i == min(_TRACED_STEPS, self.steps) - 1:
+            self.peak = self.mem.stop()
+        elif i >= _TRACED_STEPS:
+            self.times.append(dt)
+        self.t0 = time.perf_counter()
+
+    def result(self) -> tuple:
+        return (statistics.median(self.times) if self.times else float("nan")), self.peak
+
+
+def _train(model, batches, config: TrainConfig, optimizer, on_log=None) -> tuple:
+    """``config.max_iters`` steps of ``train.Trainer`` on a batch source, timed and traced:
+    (median seconds of the untraced steps, peak MB)."""
+    meter = _StepMeter(config.max_iters)
+
+    def on_step(trainer):
+        meter.step(trainer.step - 1)
+        if on_log is not None:
+            on_log(trainer.step - 1, trainer.last_loss)
+    trainer = Trainer(model, batches, config, optimizer=optimizer, on_step=on_step)
+    import tqdm.auto  # noqa: F401  (the Trainer's progress bar: imported before tracing starts)
+    meter.start()
+    trainer.train()
+    return meter.result()
+
+
+class _Probe(nn.Module):
+    """The classifier head on fixed embeddings: ``forward(x, y)`` is (logits, loss)."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x, y):
+        logits = self.head(Tensor(x))
+        return logits, F.cross_entropy(logits, y)
+
+
+class _FullBatch:
+    """The whole (embeddings, labels) set as every batch: the probe trains full-batch."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def train_batch(self, batch_size: int) -> tuple:
+        return self.x, self.y
+
+
+class _SentenceBatches:
+    """Training batches for ``Trainer``: epochs of a seeded shuffle of the sentences, each
+    batch trimmed to its longest text, as the classifier's keyword arguments."""
+
+    def __init__(self, arrays: dict, labels, seed: int):
+        self.arrays, self.labels = arrays, np.asarray(labels)
+        self.rng = np.random.default_rng(seed)
+        self.order = np.array([], dtype=np.int64)
+
+    def train_batch(self, batch_size: int) -> dict:
+        if len(self.order) < batch_size:
+            self.order = np.concatenate([self.order, self.rng.permutation(len(self.labels))])
+        rows, self.order = self.order[:batch_size], self.order[batch_size:]
+        ids, mask = _batch(self.arrays, rows)
+        return {"input_ids": ids, "attention_mask": mask, "labels": xp.asarray(self.labels[rows])}
 
 
 def linear_probe(model: BertClassifier, train: dict, y_train, test: dict, y_test,
@@ -139,13 +203,11 @@ def linear_probe(model: BertClassifier, train: dict, y_train, test: dict, y_test
     head = model.classifier
     opt = AdamW(head.parameters(), lr=s.probe_lr, weight_decay=s.weight_decay)
     y = xp.asarray(np.asarray(y_train))
-
-    def step(_):
-        loss = F.cross_entropy(head(Tensor(X_tr)), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    sec, peak = _train_loop(step, s.probe_steps)
+    # a constant lr (min_lr = lr, no warmup) and no clipping: plain AdamW steps
+    config = TrainConfig(max_iters=s.probe_steps, batch_size=len(y_train), lr=s.probe_lr,
+                         min_lr=s.probe_lr, warmup_iters=0, grad_clip=0.0, eval_interval=0,
+                         seed=s.seed, progress=False)
+    sec, peak = _train(_Probe(head), _FullBatch(X_tr, y), config, opt)
     with no_grad():
         test_acc, train_acc = (_accuracy(head(Tensor(X_te)).data, y_test),
                                _accuracy(head(Tensor(X_tr)).data, y_train))
@@ -155,10 +217,11 @@ def linear_probe(model: BertClassifier, train: dict, y_train, test: dict, y_test
             "peak_train_mb": peak, "steps": s.probe_steps}
 
 
-def finetune(model: BertClassifier, train: dict, y_train, test: dict, y_test,
+def finetune_classifier(model: BertClassifier, train: dict, y_train, test: dict, y_test,
              s: FinetuneSettings, method: str, out_dir=None, log=None) -> dict:
     """LoRA (``method="lora"``) or full fine-tuning of ``model`` for ``s.steps`` steps of
-    AdamW (warmup then cosine decay, gradients clipped to norm 1)."""
+    AdamW (warmup then cosine decay to a tenth, gradients clipped to norm 1), run by
+    ``train.Trainer`` on batches of the tokenized sentences."""
     if method == "lora":
         cfg = lora.LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
                               target_modules=list(s.lora_targets), modules_to_save=["classifier"])
@@ -171,30 +234,20 @@ def finetune(model: BertClassifier, train: dict, y_train, test: dict, y_test,
         model.requires_grad_(True)
         groups = [{"params": list(model.parameters()), "lr": s.full_lr}]
     else:
-        raise ValueError(f"finetune: method must be 'lora' or 'full', got {method!r}")
-    base_lrs = [g["lr"] for g in groups]
+        raise ValueError(f"finetune_classifier: method must be 'lora' or 'full', got {method!r}")
     params = [p for g in groups for p in g["params"]]
     opt = AdamW(groups, weight_decay=s.weight_decay)
-    rng = np.random.default_rng(s.seed)
     y_train = np.asarray(y_train)
-    state = {"order": np.array([], dtype=np.int64)}
-    model.train()
+    # the Trainer scales each group's schedule by its lr / config.lr: the head keeps its own
+    config = TrainConfig(max_iters=s.steps, batch_size=s.batch_size, lr=groups[0]["lr"],
+                         warmup_iters=s.warmup, grad_clip=1.0, eval_interval=0,
+                         log_interval=20, seed=s.seed, progress=False)
 
-    def step(i):
-        if len(state["order"]) < s.batch_size:  # epochs of a seeded shuffle
-            state["order"] = np.concatenate([state["order"], rng.permutation(len(y_train))])
-        rows, state["order"] = state["order"][:s.batch_size], state["order"][s.batch_size:]
-        for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = cosine_lr(i, s.warmup, s.steps, lr, lr * 0.1)
-        ids, mask = _batch(train, rows)
-        _, loss = model(ids, mask, labels=xp.asarray(y_train[rows]))
-        opt.zero_grad()
-        loss.backward()
-        clip_grad_norm_(params, 1.0)
-        opt.step()
-        if log is not None and (i % 20 == 0 or i == s.steps - 1):
-            log(f"  {method} step {i:4d}  loss {loss.item():.4f}")
-    sec, peak = _train_loop(step, s.steps)
+    def on_log(i, loss):
+        if log is not None and (i % 20 == 0 or i == s.steps - 1) and loss is not None:
+            log(f"  {method} step {i:4d}  loss {loss:.4f}")
+    model.train()
+    sec, peak = _train(model, _SentenceBatches(train, y_train, s.seed), config, opt, on_log)
     row = {"method": method, "test_accuracy": evaluate(model, test, y_test),
            "train_accuracy": evaluate(model, train, y_train),
            "trainable_params": sum(p.data.size for p in params), "sec_per_step": sec,
@@ -215,7 +268,7 @@ def finetune(model: BertClassifier, train: dict, y_train, test: dict, y_test,
 def compare_finetuning(model_dir=None, data=None, settings: FinetuneSettings | None = None,
                        methods=METHODS, out_dir=None, log=print) -> list:
     """Linear probe, LoRA and full fine-tuning of the same pretrained encoder (default: the
-    installed all-MiniLM-L6-v2) on ``data`` (default ``datasets.agent_task()``).
+    installed all-MiniLM-L6-v2) on ``data`` (default ``data.agent_task()``).
 
     Returns one dict per method: ``test_accuracy``, ``train_accuracy``, ``trainable_params``,
     ``total_params``, ``trainable_pct``, ``saved_bytes`` (LoRA: the adapter folder on disk;
@@ -243,7 +296,7 @@ def compare_finetuning(model_dir=None, data=None, settings: FinetuneSettings | N
             row = linear_probe(model, train, data.train_labels, test, data.test_labels, s)
         else:
             sub = None if out_dir is None else os.path.join(os.fspath(out_dir), f"{method}_adapter")
-            row = finetune(model, train, data.train_labels, test, data.test_labels, s, method,
+            row = finetune_classifier(model, train, data.train_labels, test, data.test_labels, s, method,
                            out_dir=sub, log=log)
         row["total_params"] = total
         row["trainable_pct"] = 100.0 * row["trainable_params"] / total

@@ -20,12 +20,12 @@ from __future__ import annotations
 import os
 import time
 
-from . import lora
-from .lora.adapters import CONFIG_NAME, WEIGHTS_NAME
-from .lora.registry import registry as adapter_registry
-from .checkpoint import load_gpt, resolve_checkpoint, save_gpt
-from .io import load_json, save_json
-from .train import TrainConfig, Trainer
+from .. import lora
+from ..lora.adapters import CONFIG_NAME, WEIGHTS_NAME
+from ..lora.registry import registry as adapter_registry
+from ..checkpoint import load_gpt, resolve_checkpoint, save_gpt
+from ..io import load_json, save_json
+from ..train import TrainConfig, Trainer
 
 __all__ = ["METHODS", "FINETUNE_INFO", "load_base", "load_pretrained", "prepare", "finetune",
            "save_finetuned", "load_finetuned", "training_state_bytes", "is_adapter_dir",
@@ -47,8 +47,8 @@ def is_hf_gpt2_folder(path) -> bool:
 def load_pretrained(folder):
     """``(model, tokenizer, folder)`` of a Hugging Face GPT-2 folder: config.json,
     model.safetensors, and the tokenizer's vocab.json + merges.txt."""
-    from .models.gpt import GPT
-    from .models.gpt2_tokenizer import GPT2Tokenizer
+    from ..models.gpt import GPT
+    from ..data.gpt2_bpe import GPT2Tokenizer
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"pretrained model folder {folder!r} does not exist")
@@ -81,7 +81,7 @@ def prepare(model, method: str, lora_config: lora.LoraConfig | None = None, *,
     """Make ``model`` ready to fine-tune by ``method``, in place. Returns what it did:
     ``{"method", "trainable", "total", "quantized": QuantReport text or None}``; ``total``
     counts every base weight once (a 4-bit one as in_features·out_features)."""
-    from . import quant
+    from .. import quant
     _check_method(method)
     total = sum(p.data.size for p in model.parameters())
     report = None
@@ -208,7 +208,7 @@ def load_finetuned(adapter_dir, base=None, *, check_base: bool = True):
     """``(model, tokenizer, info)``: the base GPT with the adapter in ``adapter_dir`` loaded
     (frozen, for inference). base: the base checkpoint; default the one the adapter names.
     An adapter trained with QLoRA gets its base quantized the same way first."""
-    from . import quant
+    from .. import quant
     adapter_dir = os.fspath(adapter_dir)
     if not os.path.isdir(adapter_dir):
         raise FileNotFoundError(f"adapter folder {adapter_dir!r} does not exist")

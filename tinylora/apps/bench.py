@@ -4,7 +4,7 @@
 warm-up steps, then ``repeats`` timed steps; it reports the median and the minimum.
 Peak memory is the process's resident-set high-water mark (``getrusage``), which never
 goes down, so ``run_isolated`` measures each configuration in a fresh subprocess
-(``python -m tinylora.bench NAME``) for an honest per-configuration peak.
+(``python -m tinylora.apps.bench NAME``) for an honest per-configuration peak.
 
 BLAS threads: ``threads`` caps them with threadpoolctl; the report names the BLAS library
 and the thread count used, since small GEMMs on a few cores can run slower with more threads.
@@ -21,9 +21,9 @@ import subprocess
 import sys
 import time
 
-from . import backend
-from .backend import np, xp
-from .blas import blas_info, limit_threads
+from .. import backend
+from ..backend import np, xp
+from ..blas import blas_info, limit_threads
 
 __all__ = ["TRAIN_CONFIGS", "bench_train_step", "run_isolated", "peak_rss_mb"]
 
@@ -89,8 +89,9 @@ def bench_train_step(name: str = "nanogpt-cpu", *, warmup: int = 2, repeats: int
 
     mode "full" trains every weight; "lora" freezes the base and trains LoRA r=8 adapters on
     the attention and MLP linears (AdamW holds state for the adapters only)."""
-    from .models.gpt import GPT, GPTConfig
-    from .optim import AdamW
+    backend.tune_malloc()   # as the Trainer does: freed arrays stay in the heap
+    from ..models.gpt import GPT, GPTConfig
+    from ..optim import AdamW
 
     cfg = dict(config or TRAIN_CONFIGS[name])
     B, T = cfg.pop("batch_size"), cfg["block_size"]
@@ -99,7 +100,7 @@ def bench_train_step(name: str = "nanogpt-cpu", *, warmup: int = 2, repeats: int
         backend.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=VOCAB, **cfg))
         if mode == "lora":
-            from . import lora
+            from .. import lora
             lora.inject(model, lora.LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS))
         elif mode != "full":
             raise ValueError(f"bench: mode must be 'full' or 'lora', got {mode!r}")
@@ -145,7 +146,7 @@ def bench_train_step(name: str = "nanogpt-cpu", *, warmup: int = 2, repeats: int
 def run_isolated(name: str, *, warmup: int = 2, repeats: int = 5, threads: int | None = None,
                  mode: str = "full", checkpointing: bool = False) -> dict:
     """``bench_train_step`` in a fresh Python process, so peak_rss_mb is this config's alone."""
-    cmd = [sys.executable, "-m", "tinylora.bench", name, "--warmup", str(warmup),
+    cmd = [sys.executable, "-m", "tinylora.apps.bench", name, "--warmup", str(warmup),
            "--repeats", str(repeats), "--mode", mode] + (["--checkpointing"] if checkpointing else [])
     if threads:
         cmd += ["--threads", str(threads)]
@@ -176,9 +177,10 @@ def lora_vs_full(name: str = "gpt-6x384", *, warmup: int = 2, repeats: int = 5,
 def inference_figures(name: str = "gpt-6x384", *, repeats: int = 7, threads: int | None = None) -> dict:
     """Forward-only speed of the base model, the same model with LoRA r=8 merged into it,
     and with the adapters unmerged (computed on the side), timed alternately in one process."""
-    from . import lora
-    from .models.gpt import GPT, GPTConfig
-    from .tensor import no_grad
+    backend.tune_malloc()   # as the Trainer does: freed arrays stay in the heap
+    from .. import lora
+    from ..models.gpt import GPT, GPTConfig
+    from ..tensor import no_grad
 
     cfg = dict(TRAIN_CONFIGS[name])
     B, T = cfg.pop("batch_size"), cfg["block_size"]
@@ -216,7 +218,8 @@ def inference_figures(name: str = "gpt-6x384", *, repeats: int = 7, threads: int
 def encode_figures(*, n: int = 128, batch_size: int = 32, repeats: int = 7,
                    threads: int | None = None) -> dict:
     """all-MiniLM-L6-v2 sentence encoding: sentences/s at batch 32 for ~16-token sentences."""
-    from .models.sentence import SentenceEncoder
+    backend.tune_malloc()   # as the Trainer does: freed arrays stay in the heap
+    from ..models.sentence import SentenceEncoder
 
     enc = SentenceEncoder.from_pretrained()
     subjects = ["the old fisherman", "a young programmer", "my neighbour's cat", "the city council"]
@@ -239,7 +242,7 @@ def encode_figures(*, n: int = 128, batch_size: int = 32, repeats: int = 7,
 
 
 def _main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tinylora.bench",
+    ap = argparse.ArgumentParser(prog="python -m tinylora.apps.bench",
                                  description="time one training step of a config; prints JSON")
     ap.add_argument("config", choices=sorted(TRAIN_CONFIGS))
     ap.add_argument("--warmup", type=int, default=2)

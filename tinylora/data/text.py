@@ -25,10 +25,10 @@ import sysconfig
 import unicodedata
 from dataclasses import dataclass
 
-from . import backend
-from .backend import np
-from .io import decode_utf8
-from .tensor import Tensor
+from .. import backend
+from ..backend import np
+from ..io import decode_utf8
+from ..tensor import Tensor
 
 __all__ = ["CharTokenizer", "BUILTIN_VOCAB", "BUILTIN_CORPORA", "builtin_text", "load_text",
            "read_corpus", "train_val_split", "get_batch", "TextData", "load_data", "normalize_ascii"]

@@ -1,7 +1,7 @@
 """tinylora on CuPy vs PyTorch eager on CUDA: one GPT training step, same shapes, float32.
 
-    python scripts/gpu_bench.py [--budget-s 140] [--out FILE]   # on a GPU machine
-    python scripts/gpu_bench.py --dry-run                       # anywhere: tiny sizes, no CUDA
+    python benchmarks/gpu_bench.py [--budget-s 140] [--out FILE]   # on a GPU machine
+    python benchmarks/gpu_bench.py --dry-run                       # anywhere: tiny sizes, no CUDA
 
 Run by scripts/gpu_check.sh. For each configuration (the two benchmark GPTs and one large
 enough to be compute-bound) and mode (full training; LoRA r=8 on the attention and MLP
@@ -41,7 +41,7 @@ from tinylora import backend, lora, quant  # noqa: E402
 from tinylora.models import GPT, GPTConfig  # noqa: E402
 from tinylora.optim import AdamW  # noqa: E402
 
-CONFIGS = {   # batch_size and block_size are the step's shape; nanogpt-cpu, gpt-6x384 as tinylora.bench
+CONFIGS = {   # batch_size and block_size are the step's shape; nanogpt-cpu, gpt-6x384 as tinylora.apps.bench
     "nanogpt-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
     "gpt-6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8),
     "gpt-12x768": dict(n_layer=12, n_head=12, n_embd=768, block_size=512, batch_size=16),
@@ -282,7 +282,7 @@ def run(args, path: str) -> dict:
         configs = CONFIGS
     if args.configs:
         configs = {k: configs[k] for k in args.configs}
-    out = {"script": "scripts/gpu_bench.py", "mode": "dry-run" if dry else "gpu",
+    out = {"script": "benchmarks/gpu_bench.py", "mode": "dry-run" if dry else "gpu",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "env": environment(dry, torch), "budget_s": args.budget_s, "vocab_size": VOCAB,
            "dtype": "float32", "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "targets": LORA_TARGETS},
@@ -357,6 +357,7 @@ def bench_cell(name, cfg, mode, torch, torch_device, dry, cap_s, args) -> dict:
 
 
 def main(argv=None) -> int:
+    backend.tune_malloc()   # as tinylora's Trainer and command line do
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU; no CUDA needed")
     ap.add_argument("--out", default=None, help="JSON file (default $OUT/gpu_results.json or "

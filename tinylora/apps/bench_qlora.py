@@ -6,7 +6,7 @@
   with and without double quantization, and quantize / dequantize throughput;
 * fine-tuning LoRA vs QLoRA on the same model: the model's weight memory, the step time
   (forward + backward + AdamW on the adapters) and the peak resident memory. Each run is
-  a fresh subprocess (``python -m tinylora.quant.bench --child ...``), since the peak RSS
+  a fresh subprocess (``python -m tinylora.apps.bench_qlora --child ...``), since the peak RSS
   (``getrusage``) never goes down. ``build_peak_rss_mb`` covers building the float model
   (which QLoRA then quantizes) and injecting the adapters; ``train_peak_rss_mb`` the
   training steps alone (Linux: the high-water mark is reset after building, by writing
@@ -32,13 +32,13 @@ import time
 
 from .. import backend, lora, nn
 from ..backend import np, xp
-from ..bench import TRAIN_CONFIGS, peak_rss_mb
 from ..blas import limit_threads
+from ..quant.convert import quantize_model
+from ..quant.int4 import quantization_error
+from ..quant.linear4bit import Linear4bit, _dequantize_to_workspace
+from ..quant.nf4 import dequantize_4bit, quantize_4bit
 from ..tensor import Tensor
-from .convert import quantize_model
-from .int4 import quantization_error
-from .linear4bit import Linear4bit, _dequantize_to_workspace
-from .nf4 import dequantize_4bit, quantize_4bit
+from .bench import TRAIN_CONFIGS, peak_rss_mb
 
 __all__ = ["qlora_figures", "finetune_figures", "GPT_CONFIGS"]
 
@@ -92,6 +92,7 @@ class _Matrix(nn.Module):
 
 def finetune_figures(kind: str, mode: str, *, threads: int | None = None, **kw) -> dict:
     """One fine-tuning run in this process: kind "gpt" or "matrix", mode "lora" or "qlora"."""
+    backend.tune_malloc()   # as the Trainer does: freed arrays stay in the heap
     if not threads:
         return _finetune(kind, mode, **kw)
     with limit_threads(threads):
@@ -179,7 +180,7 @@ def _alternating_step_times(kind: str, *, steps: int = 3, **kw) -> dict:
 
 
 def _isolated(kind: str, mode: str, **kw) -> dict:
-    cmd = [sys.executable, "-m", "tinylora.quant.bench", "--child", kind, mode, json.dumps(kw)]
+    cmd = [sys.executable, "-m", "tinylora.apps.bench_qlora", "--child", kind, mode, json.dumps(kw)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -243,6 +244,7 @@ def qlora_figures(config: str = "gpt-6x384", *, vocab_size: int = 65, matrix: in
     its training batch; isolated: each fine-tuning run in a fresh subprocess (honest peak
     memory; False runs them here, where the peak then accumulates).
     """
+    backend.tune_malloc()   # as the Trainer does: freed arrays stay in the heap
     run = _isolated if isolated else finetune_figures
     common = dict(config=config, vocab_size=vocab_size, matrix=matrix,
                   matrix_tokens=matrix_tokens, r=r, warmup=warmup, steps=steps, threads=threads)
@@ -265,7 +267,7 @@ def qlora_figures(config: str = "gpt-6x384", *, vocab_size: int = 65, matrix: in
 
 
 def _main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tinylora.quant.bench",
+    ap = argparse.ArgumentParser(prog="python -m tinylora.apps.bench_qlora",
                                  description="QLoRA benchmark figures as JSON")
     ap.add_argument("--child", nargs=3, metavar=("KIND", "MODE", "JSON"),
                     help="(internal) one fine-tuning run, printed as JSON")
