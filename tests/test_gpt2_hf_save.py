@@ -11,7 +11,7 @@ from tinylora import lora
 from tinylora.backend import to_numpy
 from tinylora.io import load_safetensors, read_safetensors_header
 from tinylora.models import GPT, GPTConfig
-from tinylora.models.gpt2_tokenizer import GPT2Tokenizer
+from tinylora.data.gpt2_bpe import GPT2Tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gpt2_tiny"
 BPE = Path(__file__).parent / "fixtures" / "gpt2_bpe"
@@ -90,7 +90,7 @@ def test_a_gpt2_tokenizer_is_written_beside_the_weights(tmp_path):
     assert again.merges == tok.merges and again.encoder == tok.encoder
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["eos_token_id"] == tok.encoder.get("<|endoftext|>")
-    from tinylora.finetune import load_pretrained      # `finetune --pretrained` reads it back
+    from tinylora.apps.finetune import load_pretrained      # `finetune --pretrained` reads it back
     m2, tok2, _ = load_pretrained(tmp_path / "hf")
     assert tok2.encoder == tok.encoder and m2.config.n_embd == 8
 

@@ -127,9 +127,9 @@ def test_merged_gpt2_folder_loads_in_transformers(tmp_path):
 def test_cli_merge_hf_out_of_a_pretrained_finetune_loads_in_transformers(tmp_path, capsys):
     """finetune --pretrained (a GPT-2 BPE folder) -> merge --hf-out -> transformers."""
     from tinylora.cli import main
-    from tinylora.finetune import load_finetuned
+    from tinylora.apps.finetune import load_finetuned
     from tinylora.models import GPTConfig
-    from tinylora.models.gpt2_tokenizer import GPT2Tokenizer
+    from tinylora.data.gpt2_bpe import GPT2Tokenizer
     tok = GPT2Tokenizer.from_pretrained(BPE)
     tl.manual_seed(0)
     GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2,

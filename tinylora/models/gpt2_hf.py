@@ -141,7 +141,7 @@ def save_gpt2_hf(model, folder, tokenizer=None) -> str:
     ``merges.txt`` when ``tokenizer`` is a GPT2Tokenizer. A model built without biases
     (``GPTConfig(bias=False)``) gets zero biases, which compute the same function. Each file
     is replaced atomically, weights first and config.json last. Returns the folder."""
-    from .gpt2_tokenizer import GPT2Tokenizer
+    from ..data.gpt2_bpe import GPT2Tokenizer
 
     config = model.config
     ours = model.state_dict()
