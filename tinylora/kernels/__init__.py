@@ -10,3 +10,4 @@ TINYLORA_KERNELS=reference) turns them all off.
 from __future__ import annotations
 
 # each kernel module registers itself on import
+from . import lora  # noqa: F401,E402
