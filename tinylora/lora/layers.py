@@ -24,7 +24,7 @@ from ..backend import xp
 from ..nn.routing import current_routing
 from ..tensor import Tensor
 from . import dora
-from .layer_base import AdapterWeight, LoraLayerBase, ParameterDict, _owner  # noqa: F401
+from .layer_base import AdapterWeight, LoraLayerBase, ParameterDict
 from .protocol import dense_weight, lora_weight, weight_dtype
 
 __all__ = ["LoraLayer", "LoRALinear", "LoRAEmbedding", "AdapterWeight", "ParameterDict"]
