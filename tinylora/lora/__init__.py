@@ -9,7 +9,10 @@
     model(idx, adapter_names=["default", "__base__", "b"])   # one adapter per batch row
     lora.merge(model); lora.unmerge(model); lora.merge_and_unload(model)
 
-Files: config.py (LoraConfig), layers.py (LoRALinear, LoRAEmbedding), dora.py,
+    layer = lora.LoRALinear(nn.Linear(64, 32), r=8, lora_alpha=16)   # one layer on its own
+
+Files: config.py (LoraConfig), layers.py (LoRALinear, LoRAEmbedding: the math),
+layer_base.py (adapters by name, mixed batches, merge plan, fingerprint), dora.py,
 modules_to_save.py, targets.py (matching rules), inject.py, merge.py, multi.py,
 adapters.py (files), protocol.py (what a base layer must offer), registry.py.
 See docs/lora.md for the math, shapes and file layout.

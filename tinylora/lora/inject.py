@@ -1,7 +1,8 @@
 """Putting adapters into a model and deciding what trains.
 
-``inject`` replaces each targeted layer by a LoRA wrapper at the same module path (or adds
-the adapter to the wrapper already there), copies modules_to_save, and freezes the base.
+``inject`` finds the targeted layers and puts a LoRA wrapper in each one's place (or adds
+the adapter to the wrapper already there), and copies modules_to_save. A LoRA wrapper
+freezes its own base; the first adapter also freezes the rest of the model, as PEFT does.
 All checks run before the first change, so an error leaves the model as it was.
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ def inject(model, config: LoraConfig, adapter_name: str = "default", *, _init=No
     init = config.init_lora_weights if _init is None else _init
     for path, m in targets:
         layer = m
-        if not isinstance(m, LoraLayer):
+        if not isinstance(m, LoraLayer):        # the wrapper freezes its base
             layer = LoRALinear(m) if is_linear_like(m) else LoRAEmbedding(m)
             _adopt(model, path, layer, m, active, reg)
         layer.update_layer(adapter_name, config.r, config.lora_alpha, config.lora_dropout,
@@ -73,7 +74,7 @@ def inject(model, config: LoraConfig, adapter_name: str = "default", *, _init=No
 
 
 def _adopt(model, path, wrapper, original, active, reg) -> None:
-    for p in original.parameters():
+    for p in original.parameters():     # (a LoRA layer froze its base already)
         p.requires_grad = False
     wrapper.active_adapters = list(active)
     wrapper.known_adapters = reg

@@ -1,21 +1,18 @@
-"""LoRA layers: a frozen base layer plus any number of named low-rank adapters.
+"""LoRA layers: a frozen base layer plus named low-rank adapters.
 
     LoRALinear:    y = base(x)   + Σ_active s_a · (dropout_a(x) Aₐᵀ) Bₐᵀ   A (r, in), B (out, r)
     LoRAEmbedding: y = base(ids) + Σ_active s_a · Aₐ[:, ids]ᵀ Bₐᵀ           A (r, V), B (dim, r)
 
 with s_a = lora_alpha / r (lora_alpha / √r for rsLoRA). The forward multiplies by A, then
-by B: it never forms the (out, in) product B·A. The base layer is kept whole, unchanged and
-frozen, at ``.base_layer``; the wrapper takes its place at the same module path.
+by B: it never forms the (out, in) product B·A. The base layer is kept whole at
+``.base_layer`` and frozen by the wrapper itself; the wrapper takes the base's place at the
+same module path.
 
-Submodule names follow PEFT, so the state-dict keys read ``lora_A.<adapter>.weight``,
-``lora_B.<adapter>.weight``, ``lora_embedding_A.<adapter>`` and
-``lora_magnitude_vector.<adapter>.weight``.
+    layer = lora.LoRALinear(nn.Linear(64, 32), r=8, lora_alpha=16)   # base frozen, adapter on
 
-Which adapters run: ``active_adapters`` (their outputs add up), unless ``disabled`` (base
-only), or unless ``nn.current_routing()`` gives each batch row its own adapter (mixed
-batches: rows are grouped by adapter, each group runs its adapter once, and the groups'
-outputs are put back in row order). Merged adapters live inside the base weight, so the
-forward skips them.
+What lets several named adapters share a layer (adding and deleting them, mixed batches
+where each row picks its adapter, the merge plan, the base fingerprint) lives beside this
+file, in ``layer_base.py``; the forward here only asks which adapters run.
 """
 from __future__ import annotations
 
@@ -24,213 +21,53 @@ import math
 from .. import backend, nn, ops
 from .. import functional as F
 from ..backend import xp
-from ..nn.module import Module, Parameter
-from ..nn.routing import BASE, current_routing
+from ..nn.routing import current_routing
 from ..tensor import Tensor
 from . import dora
-from .protocol import dense_weight, weight_digest, weight_dtype, weight_stamp, write_dense_weight
+from .layer_base import AdapterWeight, LoraLayerBase, ParameterDict
+from .protocol import dense_weight, lora_weight, weight_dtype
 
 __all__ = ["LoraLayer", "LoRALinear", "LoRAEmbedding", "AdapterWeight", "ParameterDict"]
 
 
-class AdapterWeight(Module):
-    """One adapter matrix or vector, in ``.weight`` (PEFT keeps lora_A / lora_B as bias-free
-    Linear modules, hence the key ``lora_A.<adapter>.weight``)."""
-
-    def __init__(self, data):
-        super().__init__()
-        self.weight = Parameter(data)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.linear(x, self.weight)
-
-    def extra_repr(self):
-        return f"shape={tuple(self.weight.shape)}"
-
-
-class ParameterDict(Module):
-    """Parameters keyed by adapter name (state-dict key ``lora_embedding_A.<adapter>``)."""
-
-    def __getitem__(self, key) -> Parameter:
-        return self._parameters[key]
-
-    def __setitem__(self, key, value) -> None:
-        self._parameters[key] = value if isinstance(value, Parameter) else Parameter(value)
-
-    def __delitem__(self, key) -> None:
-        del self._parameters[key]
-
-    def __contains__(self, key) -> bool:
-        return key in self._parameters
-
-    def __len__(self):
-        return len(self._parameters)
-
-    def __iter__(self):
-        return iter(self._parameters)
-
-    def keys(self):
-        return self._parameters.keys()
-
-    def extra_repr(self):
-        return ", ".join(f"{k}: {tuple(p.shape)}" for k, p in self._parameters.items())
-
-
-class LoraLayer(Module):
-    """What LoRALinear and LoRAEmbedding share: per-adapter settings, the active set,
-    mixed-batch routing, merging and the base fingerprint. Subclasses define
-    ``_add_weights``, ``_remove_weights``, ``_delta`` (the adapter's output) and
-    ``delta_weight`` (the adapter's dense update, shaped like the base weight)."""
+class LoraLayer(LoraLayerBase):
+    """A frozen base layer and its adapters: what LoRALinear and LoRAEmbedding share."""
 
     def __init__(self, base_layer):
-        super().__init__()
-        self.base_layer = base_layer
-        self.r, self.lora_alpha, self.scaling = {}, {}, {}
-        self.active_adapters = []      # names whose outputs are added, in order
-        self.merged_adapters = []      # names already added into the base weight, in order
-        self.disabled = False          # True: the base layer alone (lora.disable_adapter)
-        self.known_adapters = None     # the model's registry, to tell unknown names in routing
-        self._dora_norms = {}          # merged DoRA adapter -> ‖V‖ it was merged with
-        self._digest = None            # (weight stamp, digest) of the unmerged base weight
+        super().__init__(base_layer)
+        base_layer.requires_grad_(False)        # frozen: only the adapters train
 
-    # ------------------------------------------------------------------ adapters
-    @property
-    def adapters(self) -> list:
-        return list(self.r)
+    def _add_first(self, adapter_name, r, lora_alpha, lora_dropout, init_lora_weights,
+                   use_rslora, use_dora) -> None:
+        """The constructor's adapter (none when r is None), active from the start."""
+        if r is not None:
+            self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights,
+                              use_rslora, use_dora)
+            self.active_adapters = [adapter_name]
 
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
-    @property
-    def weight(self):
-        """The base layer's weight (models that read ``layer.weight`` keep working)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return getattr(self.base_layer, "bias", None)
-
-    def update_layer(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                     init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False) -> None:
-        """Add adapter ``name``. init_lora_weights: True, "gaussian", False, or "zeros"
-        (all zeros without drawing random numbers: for weights about to be loaded)."""
-        if name in self.r:
-            raise ValueError(f"adapter {name!r} already exists in this layer")
-        self.r[name] = r
-        self.lora_alpha[name] = lora_alpha
-        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self._add_weights(name, r, init_lora_weights, lora_dropout, use_dora)
-        for m in self.modules():
-            object.__setattr__(m, "training", self.training)
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged_adapters:
-            raise RuntimeError(f"adapter {name!r} is merged into the base weight; unmerge first")
-        for d in (self.r, self.lora_alpha, self.scaling):
-            d.pop(name, None)
-        self._remove_weights(name)
-        if name in self.active_adapters:
-            self.active_adapters.remove(name)
-
-    def adapter_parameters(self, name: str) -> list:
-        """The trainable tensors of adapter ``name`` in this layer."""
-        return [p for key, p in self.named_parameters() if _owner(key) == name]
-
-    # ------------------------------------------------------------------ forward
     def forward(self, x):
-        fused = self._fused_forward(x)
-        if fused is not None:
-            return fused
-        result = self.base_layer(x)
+        """base(x) plus the output of every running adapter (see ``running_adapters``)."""
         if self.disabled:
-            return result
-        names = current_routing()
-        if names is not None:
-            return self._forward_routed(x, result, names)
-        for name in self.active_adapters:
-            if name in self.r and name not in self.merged_adapters:
-                result = result + self._delta(name, x, result)
-        return result
+            return self.base_layer(x)
+        routing = current_routing()
+        if routing is not None:                 # a mixed batch: each row picks its adapter
+            return self._forward_routed(x, self.base_layer(x), routing)
+        y = self.base_layer(x)
+        for name in self.running_adapters():
+            y = y + self._delta(name, x, y)
+        return y
 
-    def _fused_forward(self, x):
-        """The common case in one op (see LoRALinear); None where it does not apply."""
-        return None
-
-    def _forward_routed(self, x, result: Tensor, names) -> Tensor:
-        """Row i of the batch uses adapter names[i] (or the base): one pass per adapter.
-
-        The input's first axis is the batch. An input shared by all rows has a first axis
-        of 1 (e.g. position ids (1, T)); each row then gets its own output, (n, ...)."""
-        n = len(names)
-        lead = result.shape[0] if result.ndim else 0
-        shared = lead == 1 and n > 1
-        if lead != n and not shared:
-            raise ValueError(f"adapter_names has {n} entries but this layer's input has "
-                             f"{lead} rows (output shape {tuple(result.shape)}); give one "
-                             "adapter name (or '__base__') per row, and pass inputs that all "
-                             "rows share with a leading axis of 1")
-        if self.merged_adapters:
-            raise RuntimeError(f"adapters {self.merged_adapters} are merged into the base "
-                               "weight, so rows cannot choose adapters; lora.unmerge(model) first")
-        known = self.known_adapters if self.known_adapters is not None else self.r
-        groups = {}
-        for i, name in enumerate(names):
-            if name != BASE and name not in known and name not in self.r:
-                raise ValueError(f"adapter_names[{i}] = {name!r} is not an adapter of this "
-                                 f"model (adapters: {sorted(set(known) | set(self.r))}; "
-                                 f"'{BASE}' = the base model)")
-            if name in self.r:
-                groups.setdefault(name, []).append(i)
-        if not groups:
-            return result
-        parts, order = [], []
-        for name, rows in groups.items():
-            if shared:  # one pass over the shared input, repeated for the group's rows
-                d = self._delta(name, x, result)
-                parts.append(ops.expand(d, (len(rows),) + d.shape[1:]))
-            else:
-                idx = xp.asarray(rows)
-                parts.append(self._delta(name, x[idx], result[idx]))
-            order.extend(rows)
-        if len(order) < n:  # rows of the base (or of adapters this layer lacks) add zero
-            rest = sorted(set(range(n)) - set(order))
-            zeros = xp.zeros((len(rest),) + result.shape[1:], dtype=result.dtype)
-            parts.append(Tensor._wrap(zeros))
-            order.extend(rest)
-        delta = parts[0] if len(parts) == 1 else ops.cat(parts, 0)
-        if order != list(range(n)):
-            delta = delta[xp.asarray(backend.np.argsort(order))]
-        return result + delta
-
-    # ------------------------------------------------------------------ merging
-    def plan_merge(self, names):
-        """The merged dense weight for adapters ``names`` (those present and not yet merged),
-        computed without writing anything: (W, merged names, DoRA norms), or None."""
-        todo = [n for n in names if n in self.r and n not in self.merged_adapters]
-        if not todo:
+    def one_plain_adapter(self):
+        """The name of the one adapter that runs, when exactly one plain (not DoRA) adapter
+        does and rows do not pick their own; else None."""
+        names = self.running_adapters()
+        if self.disabled or current_routing() is not None or len(names) != 1:
             return None
-        W = dense_weight(self.base_layer)
-        norms = {}
-        for n in todo:
-            V = W + self.delta_weight(n).astype(W.dtype, copy=False)
-            if self.use_dora.get(n):
-                norms[n] = dora.row_norm(V)      # W' = m ⊙ V / ‖V‖_row
-                V = (self.lora_magnitude_vector[n].weight.data / norms[n])[:, None] * V
-            W = V
-        return W, todo, norms
-
-    def commit_merge(self, plan) -> None:
-        """Write a ``plan_merge`` result into the base layer."""
-        W, todo, norms = plan
-        digest = self.base_digest()  # the unmerged base's, kept while merged
-        write_dense_weight(self.base_layer, W)
-        self.merged_adapters.extend(todo)
-        self._dora_norms.update(norms)
-        self._digest = (weight_stamp(self.base_layer), digest)
+        return None if self.use_dora[names[0]] else names[0]
 
     def merge(self, adapter_names=None, safe_merge: bool = False) -> None:
-        """Add adapters (default: the active ones) into the base weight."""
+        """W ← W + ΔW for adapters ``adapter_names`` (default: the active ones), so
+        inference costs nothing extra; the adapter stays, and ``unmerge`` takes it out."""
         plan = self.plan_merge(self.active_adapters if adapter_names is None else adapter_names)
         if plan is None:
             return
@@ -239,37 +76,23 @@ class LoraLayer(Module):
         self.commit_merge(plan)
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter from the base weight again (last merged first)."""
+        """W ← W − ΔW for every merged adapter, last merged first."""
         if not self.merged_adapters:
             return
-        digest = self.base_digest()
         W = dense_weight(self.base_layer)
         for n in reversed(self.merged_adapters):
-            if n in self._dora_norms:  # V = W' ⊙ ‖V‖ / m
+            if n in self._dora_norms:  # DoRA merged W' = m ⊙ V / ‖V‖: back to V first
                 W = W * (self._dora_norms.pop(n) / self.lora_magnitude_vector[n].weight.data)[:, None]
             W = W - self.delta_weight(n).astype(W.dtype, copy=False)
-        write_dense_weight(self.base_layer, W)
-        self.merged_adapters = []
-        self._digest = (weight_stamp(self.base_layer), digest)
-
-    # ------------------------------------------------------------------ fingerprint
-    def base_digest(self) -> str:
-        """Digest of the base weight as it was before any merge (see protocol.weight_digest).
-
-        Cached while the weight is untouched; merge and unmerge keep the pre-merge digest,
-        so float rounding in merge-then-unmerge does not make the base look different."""
-        stamp = weight_stamp(self.base_layer)
-        if self._digest is not None and (self.merged_adapters or self._digest[0] == stamp):
-            return self._digest[1]
-        self._digest = (stamp, weight_digest(self.base_layer))
-        return self._digest[1]
-
-    def extra_repr(self):
-        return f"adapters={self.adapters}, active={self.active_adapters}, merged={self.merged_adapters}"
+        self.commit_unmerge(W)
 
 
 class LoRALinear(LoraLayer):
     """A frozen linear base (nn.Linear or a 4-bit Linear) plus adapters; y (..., out) from x (..., in).
+
+    ``LoRALinear(base, r=8, lora_alpha=8)`` freezes the base and adds adapter
+    ``adapter_name``, active and trainable (PEFT's arguments). With r=None the wrapper
+    starts without adapters (``update_layer`` adds them; ``lora.inject`` does so).
 
     Adapter a: A (r, in) Kaiming-uniform (bound 1/√in, PyTorch Linear's init, a = √5), or
     N(0, (1/r)²) with init_lora_weights="gaussian" (standard deviation 1/r, as PEFT draws
@@ -277,7 +100,9 @@ class LoRALinear(LoraLayer):
     m (out,) = ‖W + s·B·A‖_row (see dora.py).
     """
 
-    def __init__(self, base_layer):
+    def __init__(self, base_layer, r: int | None = None, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, adapter_name: str = "default", init_lora_weights=True,
+                 use_rslora: bool = False, use_dora: bool = False):
         super().__init__(base_layer)
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
@@ -285,7 +110,21 @@ class LoRALinear(LoraLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()
-        self.use_dora = {}
+        self._add_first(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights,
+                        use_rslora, use_dora)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """One plain (not DoRA) adapter running, the common case: base and adapter as the
+        one op ``F.lora_linear``. Anything else: the base, then each adapter's output."""
+        name = self.one_plain_adapter()
+        if name is None:
+            return super().forward(x)
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            return self.base_layer(x)           # raises the base layer's ShapeError
+        xd = self.lora_dropout[name](x)
+        return F.lora_linear(x, lora_weight(self.base_layer), self.bias,
+                             self.lora_A[name].weight, self.lora_B[name].weight,
+                             self.scaling[name], None if xd is x else xd)
 
     def _add_weights(self, name, r, init, p, use_dora) -> None:
         dt, n_in, n_out = weight_dtype(self.base_layer), self.in_features, self.out_features
@@ -315,27 +154,12 @@ class LoRALinear(LoraLayer):
         self.use_dora.pop(name, None)
         self._dora_norms.pop(name, None)
 
-    def _fused_forward(self, x):
-        """One active, unmerged, plain LoRA adapter and no routing: base and adapter as a
-        single op (``F.lora_linear`` on a float nn.Linear, the base's own ``lora_forward`` on
-        a 4-bit one): the same values, fewer passes, nodes and kept arrays."""
-        base = self.base_layer
-        fused = getattr(base, "lora_forward", None)
-        if (self.disabled or len(self.active_adapters) != 1 or self.merged_adapters
-                or (type(base) is not nn.Linear and fused is None)
-                or current_routing() is not None):
-            return None
-        name = self.active_adapters[0]
-        if name not in self.r or self.use_dora[name]:
-            return None
-        if x.ndim == 0 or x.shape[-1] != base.in_features:
-            base(x)  # raises the layer's own ShapeError
-        xd = self.lora_dropout[name](x)
-        A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-        xd = None if xd is x else xd
-        if fused is not None:
-            return fused(x, A, B, s, xd)
-        return F.lora_linear(x, base.weight, base.bias, A, B, s, xd)
+    def _remove_weights(self, name) -> None:
+        for d in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            if name in d:
+                del d[name]
+        self.use_dora.pop(name, None)
+        self._dora_norms.pop(name, None)
 
     def _delta(self, name, x: Tensor, base_out: Tensor) -> Tensor:
         """Adapter ``name``'s addition to the base output for input x (..., in) -> (..., out)."""
@@ -370,13 +194,14 @@ class LoRAEmbedding(LoraLayer):
     PEFT applies none to embedding adapters either.
     """
 
-    def __init__(self, base_layer):
+    def __init__(self, base_layer, r: int | None = None, lora_alpha: float = 8,
+                 adapter_name: str = "default", init_lora_weights=True, use_rslora: bool = False):
         super().__init__(base_layer)
         self.num_embeddings = base_layer.num_embeddings
         self.embedding_dim = base_layer.embedding_dim
         self.lora_embedding_A = ParameterDict()
         self.lora_embedding_B = ParameterDict()
-        self.use_dora = {}
+        self._add_first(adapter_name, r, lora_alpha, 0.0, init_lora_weights, use_rslora, False)
 
     def _add_weights(self, name, r, init, p, use_dora) -> None:
         if use_dora:
@@ -422,13 +247,3 @@ class LoRAEmbedding(LoraLayer):
 
     def extra_repr(self):
         return (f"{self.num_embeddings}, {self.embedding_dim}, r={self.r}, " + super().extra_repr())
-
-
-def _owner(param_key: str):
-    """The adapter a LoRA parameter key belongs to: 'lora_A.<name>.weight' -> name."""
-    parts = param_key.split(".")
-    if parts[0] in ("lora_A", "lora_B", "lora_magnitude_vector") and len(parts) == 3:
-        return parts[1]
-    if parts[0] in ("lora_embedding_A", "lora_embedding_B") and len(parts) == 2:
-        return parts[1]
-    return None

@@ -15,7 +15,7 @@ from .. import nn
 from ..backend import np, to_numpy, xp
 from ..tensor import no_grad
 
-__all__ = ["is_linear_like", "is_embedding_like", "is_quantized", "dense_weight",
+__all__ = ["is_linear_like", "is_embedding_like", "is_quantized", "dense_weight", "lora_weight",
            "write_dense_weight", "weight_dtype", "weight_digest", "weight_stamp"]
 
 # Elements of each weight that the fingerprint hashes (evenly strided over the flat weight).
@@ -44,6 +44,28 @@ def dense_weight(layer):
         return layer.dequantize()
     raise TypeError(f"{type(layer).__name__} is not a LoRA base layer: expected nn.Linear, "
                     "nn.Embedding, or a layer with dequantize() and requantize_(W)")
+
+
+def lora_weight(layer):
+    """The base's W as ``F.lora_linear`` takes it: a dense layer's weight Tensor, or a weight
+    provider that dequantizes on request (the layer's own ``weight_provider()``, which
+    ``quant.Linear4bit`` has, else one over its ``dequantize()``)."""
+    if isinstance(layer, nn.Linear):
+        return layer.weight
+    provider = getattr(layer, "weight_provider", None)
+    return provider() if callable(provider) else _Dequantized(layer)
+
+
+class _Dequantized:
+    """A weight provider (``functional.lora.WeightProvider``) over any quantized layer."""
+
+    def __init__(self, layer):
+        self.layer, self.shape = layer, (layer.out_features, layer.in_features)
+        self.compute_dtype = getattr(layer, "compute_dtype", None)
+        self.saved = tuple(t for name, t in layer.state_dict().items() if name != "bias")
+
+    def dense(self, dtype):
+        return self.layer.dequantize().astype(dtype, copy=False)
 
 
 def write_dense_weight(layer, W) -> None:

@@ -7,10 +7,11 @@ from .dynamic_map import (DYNAMIC_MAP, create_dynamic_map, dequantize_blockwise_
                           double_dequantize, double_quantize, quantize_blockwise_8bit)
 from .fp4 import FP4_LEVELS
 from .int4 import int4_dequantize, int4_quantize, quantization_error
-from .nf4 import (NF4_LEVELS, QUANT_TYPES, code_table, dequantize_4bit, nf4_dequantize,
-                  nf4_quantize, pack_4bit, quantize_4bit, unpack_4bit)
+from .levels import NF4_LEVELS, QUANT_TYPES, code_table
+from .nf4 import (dequantize_4bit, nf4_dequantize, nf4_quantize, pack_4bit, quantize_4bit,
+                  unpack_4bit)
 from .state import QuantState
-from .linear4bit import Linear4bit, QuantizationWarning, linear_4bit, lora_linear_4bit
+from .linear4bit import Linear4bit, QuantizationWarning, Weight4bit, linear_4bit
 from .convert import (QuantReport, apply_quantization_config, load_quantized, quantization_config,
                       quantize_model, save_quantized)
 
@@ -21,7 +22,7 @@ __all__ = [
     "create_dynamic_map", "quantize_blockwise_8bit", "dequantize_blockwise_8bit",
     "double_quantize", "double_dequantize",
     "int4_quantize", "int4_dequantize", "quantization_error",
-    "Linear4bit", "linear_4bit", "lora_linear_4bit", "QuantizationWarning",
+    "Linear4bit", "linear_4bit", "Weight4bit", "QuantizationWarning",
     "quantize_model", "QuantReport",
     "quantization_config", "apply_quantization_config", "save_quantized", "load_quantized",
 ]

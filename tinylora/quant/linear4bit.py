@@ -10,8 +10,8 @@ QLoRA exists to save. Dequantizing twice costs ~3% of a QLoRA step of the 6x384 
 (profiled) and ~13-19% of one 4096x4096 layer's forward + backward at 512 rows
 (benchmarks/bench_qlora.py). W is dequantized whole: slicing the GEMM into row chunks of W,
 to shrink the workspace, measured 12-30% slower on the CPU (BLAS already blocks for the cache).
-``lora_linear_4bit`` is the base plus one LoRA adapter as one node: the unfused sum keeps
-the base's and the adapter's (rows, out) outputs alive until the backward.
+With a LoRA adapter, the layer hands ``F.lora_linear`` a ``Weight4bit`` (its weight
+provider), so QLoRA runs the same op, forward and backward, as LoRA on a float base.
 
 State dict (bitsandbytes' Linear4bit layout, so its files and ours name the same things)::
 
@@ -35,15 +35,15 @@ import math
 import warnings
 
 from .. import backend
-from ..backend import is_cuda, np, to_numpy, xp
+from ..backend import np, to_numpy, xp
+from ..functional.lora import lora_linear
 from ..nn.module import Module, Parameter, ShapeError
-from ..blas import gemm
 from ..tensor import Tensor, make_result
-from .nf4 import (_DEQUANT_CHUNK, _GPU_CHUNK, code_table, dequantize_4bit, quantize_4bit,
-                  unpack_4bit)
+from .levels import code_table
+from .nf4 import dequantize_4bit, quantize_4bit
 from .state import QuantState, _dtype_from_name
 
-__all__ = ["Linear4bit", "linear_4bit", "lora_linear_4bit", "QuantizationWarning", "StateBuffer",
+__all__ = ["Linear4bit", "linear_4bit", "Weight4bit", "QuantizationWarning", "StateBuffer",
            "clear_workspace"]
 
 _META = "weight.quant_state.bitsandbytes__"
@@ -102,28 +102,22 @@ def clear_workspace() -> None:
 
 
 def _dequantize_to_workspace(P, state: QuantState, dtype):
-    """W (out, in) = level[code] · absmax in float32, cast once to ``dtype``, written into the
-    workspace: a view that the next call overwrites. (nf4.dequantize_4bit's loop, with an
-    output buffer: one gather writes both levels of a byte, then one in-place scale.)"""
-    n, bs = state.numel, state.blocksize
-    out = _scratch(n, dtype)
-    scales, pairs, p = state.absmax_float(), state.code_pairs(), P.reshape(-1)
-    direct = np.dtype(dtype) == np.float32
-    n_full, half = n // bs, bs // 2
-    step = max(1, (_GPU_CHUNK if is_cuda() else _DEQUANT_CHUNK) // bs)   # blocks per chunk
-    tmp = None if direct else xp.empty(min(n_full, step) * bs, dtype=xp.float32)
-    for b0 in range(0, n_full, step):
-        b1 = min(n_full, b0 + step)
-        dst = out[b0 * bs: b1 * bs] if direct else tmp[: (b1 - b0) * bs]
-        xp.take(pairs, p[b0 * half: b1 * half], out=dst.view(xp.uint64))
-        vals = dst.reshape(b1 - b0, bs)
-        xp.multiply(vals, scales[b0:b1, None], out=vals)
-        if not direct:
-            out[b0 * bs: b1 * bs] = dst
-    if n > n_full * bs:                       # a last, partial block
-        codes = unpack_4bit(p[n_full * half:], n - n_full * bs)
-        out[n_full * bs:] = state.quant_map_array()[codes] * scales[n_full]
-    return out.reshape(state.shape)
+    """W (out, in) in ``dtype``, written into the workspace: a view the next call overwrites."""
+    return dequantize_4bit(P, state, dtype, out=_scratch(state.numel, dtype))
+
+
+class Weight4bit:
+    """A 4-bit layer's frozen W for ``F.lora_linear`` (a ``functional.lora.WeightProvider``):
+    ``dense(dtype)`` dequantizes the codes into the workspace, in the forward and again in
+    the backward. Holds the codes array and state of one forward; ``saved`` lets the
+    backward check the codes were not re-quantized in between."""
+
+    def __init__(self, packed: Tensor, state: QuantState, compute_dtype=None):
+        self.codes, self.state, self.compute_dtype = packed.data, state, compute_dtype
+        self.shape, self.saved = state.shape, (packed,)
+
+    def dense(self, dtype):
+        return _dequantize_to_workspace(self.codes, self.state, dtype)
 
 
 # y = x Wᵀ + b, W = deq(codes)  ->  dx = dy · deq(codes),  db = Σ_rows dy,  no dW (frozen codes)
@@ -156,66 +150,6 @@ def linear_4bit(x: Tensor, packed: Tensor, state: QuantState, bias: Tensor | Non
         return (dx,) if bias is None else (dx, db)
     parents = (x,) if bias is None else (x, bias)
     return make_result(y, parents, backward, "linear4bit", (packed,))
-
-
-# y = x Wᵀ + b + s·(x_d Aᵀ) Bᵀ, h = s·x_d Aᵀ (rows, r)
-#   ->  dh = s·dy B,  dx = dy W (+ dh A when x_d is x),  dx_d = dh A,  dA = dhᵀ x_d,  dB = dyᵀ h,
-#       db = Σ_rows dy,  no dW
-def lora_linear_4bit(x: Tensor, packed: Tensor, state: QuantState, bias: Tensor | None,
-                     lora_A: Tensor, lora_B: Tensor, scaling: float, x_dropped: Tensor | None = None,
-                     compute_dtype=None) -> Tensor:
-    """A 4-bit base plus one LoRA adapter as one node (QLoRA's F.lora_linear).
-
-    x (..., in), W (out, in) from the codes, lora_A (r, in), lora_B (out, r); x_dropped is
-    the adapter's input when dropout made one. The same values as ``linear_4bit(x, ...) +
-    s·linear(linear(x_d, A), B)``, but the graph keeps no (rows, out) intermediates (the
-    base output and the adapter's), which for a GPT were a third of the step's memory.
-    """
-    n_out, n_in = state.shape
-    cd = np.dtype(x.dtype if compute_dtype is None else compute_dtype)
-    xd_t = x if x_dropped is None else x_dropped
-    P, A, B = packed.data, lora_A.data, lora_B.data
-    x2 = x.data.reshape(-1, n_in)
-    xd2 = x2 if xd_t is x else xd_t.data.reshape(-1, n_in)
-    W = _dequantize_to_workspace(P, state, cd)
-    y = (x2.astype(cd, copy=False) @ W.T).astype(x.dtype, copy=False)   # (rows, out)
-    if bias is not None:
-        y += bias.data
-    h = xd2 @ A.T                                    # (rows, r): the thin tensor carries s
-    h *= h.dtype.type(scaling)
-    if h.dtype == y.dtype:
-        gemm(h, B.T, y)                              # y += h Bᵀ inside the GEMM
-    else:                                            # promotes like the unfused sum would
-        y = y + h @ B.T
-
-    def backward(g):
-        g2 = g.reshape(-1, n_out)
-        dh = g2 @ B
-        dh *= dh.dtype.type(scaling)
-        dx = dxd = None
-        if x.requires_grad:
-            Wb = _dequantize_to_workspace(P, state, cd)   # rebuilt, not kept from forward
-            dx = (g2.astype(cd, copy=False) @ Wb).astype(x.dtype, copy=False)
-            if xd_t is x:
-                if dh.dtype == dx.dtype:
-                    gemm(dh, A, dx)                  # dx += dh A
-                else:
-                    dx += dh @ A
-            dx = dx.reshape(x.shape)
-        if xd_t is not x and xd_t.requires_grad:
-            dxd = (dh @ A).astype(xd_t.dtype, copy=False).reshape(xd_t.shape)
-        dA = (dh.T @ xd2).astype(A.dtype, copy=False) if lora_A.requires_grad else None
-        dB = (g2.T @ h).astype(B.dtype, copy=False) if lora_B.requires_grad else None
-        grads = [dx, dA, dB]
-        if bias is not None:
-            grads.append(g2.sum(axis=0).astype(bias.dtype, copy=False) if bias.requires_grad else None)
-        if xd_t is not x:
-            grads.append(dxd)
-        return grads
-    extra = ([] if bias is None else [bias]) + ([] if xd_t is x else [xd_t])
-    parents = (x, lora_A, lora_B, *extra)            # in the order backward returns gradients
-    return make_result(y.reshape(x.shape[:-1] + (n_out,)), parents, backward, "lora_linear4bit",
-                       (packed, xd_t, lora_A, lora_B))
 
 
 # --------------------------------------------------------------------------- the layer
@@ -392,15 +326,17 @@ class Linear4bit(Module):
                                    f"got {tuple(x.shape)}")
         return linear_4bit(x, self.weight, self.quant_state, self.bias, self.compute_dtype)
 
+    def weight_provider(self) -> Weight4bit:
+        """The frozen W as ``F.lora_linear`` takes it (dequantized on request)."""
+        return Weight4bit(self.weight, self.quant_state, self.compute_dtype)
+
     def lora_forward(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                      x_dropped: Tensor | None = None) -> Tensor:
-        """This layer's output plus one LoRA adapter's, s·(x_d Aᵀ) Bᵀ, as one op (for
-        LoRALinear's fused path; see ``lora_linear_4bit``)."""
+        """This layer's output plus one LoRA adapter's, s·(x_d Aᵀ) Bᵀ: ``F.lora_linear``."""
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ShapeError(self, f"expected input of shape (..., {self.in_features}), "
                                    f"got {tuple(x.shape)}")
-        return lora_linear_4bit(x, self.weight, self.quant_state, self.bias, lora_A, lora_B,
-                                scaling, x_dropped, self.compute_dtype)
+        return lora_linear(x, self.weight_provider(), self.bias, lora_A, lora_B, scaling, x_dropped)
 
     def extra_repr(self):
         cd = "None" if self.compute_dtype is None else self.compute_dtype.name

@@ -1,27 +1,7 @@
 """NF4 (4-bit NormalFloat) blockwise quantization, byte-compatible with bitsandbytes.
 
-The levels
-----------
-Pretrained weights are close to normal with zero mean. Once a block is divided by its
-absmax, its values lie in [-1, 1] and follow (roughly) a normal distribution rescaled to
-that range. A level table is information-theoretically best for such data when every
-level is hit equally often, i.e. when the levels are quantiles of the normal distribution
-(QLoRA, Dettmers et al. 2023, section 3). NF4 builds them so:
-
-* A 4-bit code has 16 values, and zero must be exactly representable (zero padding and
-  exact-zero weights must survive). With 16 slots and one zero, one side gets more levels:
-  NF4 gives 8 to the positive half and 7 to the negative half.
-* Positive side: 9 probabilities evenly spaced from ``offset`` down to 0.5, drop the last
-  (0.5 is the zero), take the normal quantile Q(p) of the other 8. Negative side: 8 points
-  from ``offset`` to 0.5, drop 0.5, and negate the 7 quantiles. Add 0 and divide
-  everything by the largest, Q(offset), so the table spans exactly [-1, 1].
-* Q(1) is infinite, so the outermost probability cannot be 1. It is pulled in to
-  ``offset = 1 - (1/32 + 1/30)/2 = 0.9677083``. Cut [0, 1] into 16 equal-probability bins
-  and the outermost bin's probability midpoint is 1 - 1/32; with 15 bins it is 1 - 1/30.
-  The halves hold 8 and 7 levels, so neither count fits both; their average is used.
-
-The results are hard-coded as float32 below (exactly bitsandbytes' table): recomputing the
-quantiles in float64 lands within ~1e-7, but the file format needs the exact bits.
+The levels (``levels.py``): NF4's 16 values are quantiles of the normal distribution,
+scaled to [-1, 1]; FP4's (``fp4.py``) a tiny float format.
 
 The format
 ----------
@@ -54,9 +34,10 @@ from __future__ import annotations
 
 import functools
 
-from ..backend import is_cuda, np, xp
+from ..backend import np, xp
+from ..kernels.blocking import blocks
 from .dynamic_map import DYNAMIC_MAP, double_quantize
-from .fp4 import FP4_LEVELS
+from .levels import NF4_LEVELS, QUANT_TYPES, code_table
 from .state import QuantState
 
 __all__ = [
@@ -65,33 +46,15 @@ __all__ = [
     "pack_4bit", "unpack_4bit",
 ]
 
-# code -> level, float32; sorted, so the code of a level is its rank.
-NF4_LEVELS = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], dtype=np.float32)
-NF4_LEVELS.setflags(write=False)
-
-QUANT_TYPES = {"nf4": NF4_LEVELS, "fp4": FP4_LEVELS}
-
-# Elements per pass on the CPU: large enough to amortise Python overhead, small enough that
-# the float32 scratch stays in cache across the ~20 passes of the compare-and-count below
-# (measured on 4096x4096: ~1.7x faster than whole-array passes). On the GPU, cache size does
-# not matter; its chunk only bounds the scratch memory (16M elements: 64 MiB of float32).
+# Elements per blocked pass (kernels.blocking's rule). On the CPU: large enough to amortise
+# Python overhead, small enough that the float32 scratch stays in cache across the ~20
+# passes of the compare-and-count below (measured on 4096x4096: ~1.7x faster than
+# whole-array passes). On a device, cache size does not matter; the chunk only bounds the
+# scratch memory (16M elements: 64 MiB of float32).
 _QUANT_CHUNK = 1 << 17
 _DEQUANT_CHUNK = 1 << 16
-_GPU_CHUNK = 1 << 24
+_DEVICE_CHUNK = 1 << 24
 _TINY = np.float32(1e-38)
-
-
-def code_table(quant_type: str) -> np.ndarray:
-    """The 16 float32 levels of ``quant_type`` ("nf4" or "fp4") in code order."""
-    try:
-        return QUANT_TYPES[quant_type]
-    except KeyError:
-        raise ValueError(f"quant_type must be one of {sorted(QUANT_TYPES)}, got {quant_type!r}") from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,12 +151,12 @@ def quantize_4bit(w, blocksize: int = 64, double_quant: bool = True, quant_type:
     packed = xp.empty((n + 1) // 2, dtype=xp.uint8)
     absmax = xp.empty(n_blocks, dtype=xp.float32)
 
-    chunk_blocks = max(1, (_GPU_CHUNK if is_cuda() else _QUANT_CHUNK) // blocksize)
-    width = min(n_full, chunk_blocks) * blocksize + blocksize
+    chunks = list(blocks(n_full, blocksize, _QUANT_CHUNK, _DEVICE_CHUNK))  # slices of blocks
+    width = (chunks[0].stop - chunks[0].start if chunks else 0) * blocksize + blocksize
     scratch = (xp.empty(width, xp.float32), xp.empty(width, xp.uint8), xp.empty(width, xp.bool_))
     half = blocksize // 2
-    for b0 in range(0, n_full, chunk_blocks):
-        b1 = min(n_full, b0 + chunk_blocks)
+    for c in chunks:
+        b0, b1 = c.start, c.stop
         rows = xp.asarray(flat[b0 * blocksize: b1 * blocksize], dtype=xp.float32)
         _quantize_rows(rows.reshape(b1 - b0, blocksize), quant_type,
                        absmax[b0:b1], packed[b0 * half: b1 * half], scratch)
@@ -219,11 +182,12 @@ def quantize_4bit(w, blocksize: int = 64, double_quant: bool = True, quant_type:
 
 # ----------------------------------------------------------------------------- dequantize
 
-def dequantize_4bit(packed, state: QuantState, dtype=None):
+def dequantize_4bit(packed, state: QuantState, dtype=None, out=None):
     """packed (ceil(n/2),) uint8 (any shape) + state -> array of ``state.shape``.
 
     Computed as level[code] * absmax in float32 and cast once to ``dtype`` (default: the
-    original dtype, ``state.dtype``).
+    original dtype, ``state.dtype``). ``out``: a flat array of at least n values of that
+    dtype to write into (a workspace; Linear4bit's forward uses one), else a new array.
     """
     out_dtype = np.dtype(state.dtype if dtype is None else dtype)
     p = xp.asarray(packed).reshape(-1)
@@ -234,28 +198,26 @@ def dequantize_4bit(packed, state: QuantState, dtype=None):
         raise ValueError(f"packed has {p.size} bytes, a {state.shape} tensor needs {(n + 1) // 2}")
     scales = state.absmax_float()
     pairs = state.code_pairs()            # (256,) uint64: the two float32 levels of each byte
-    out = xp.empty(n, dtype=out_dtype)
-    n_full = n // bs
-    half = bs // 2
-    chunk_blocks = max(1, (_GPU_CHUNK if is_cuda() else _DEQUANT_CHUNK) // bs)
+    out = xp.empty(n, dtype=out_dtype) if out is None else out.reshape(-1)[:n]
+    n_full, half = n // bs, bs // 2
     direct = out_dtype == np.float32
-    tmp = None if direct else xp.empty(min(n_full, chunk_blocks) * bs + bs, dtype=xp.float32)
-    for b0 in range(0, n_full, chunk_blocks):
-        b1 = min(n_full, b0 + chunk_blocks)
-        m = b1 - b0
-        dst = out[b0 * bs: b1 * bs] if direct else tmp[: m * bs]
+    tmp = None
+    for c in blocks(n_full, bs, _DEQUANT_CHUNK, _DEVICE_CHUNK):   # c: a slice of whole blocks
+        lo, hi = c.start * bs, c.stop * bs
+        if not direct and tmp is None:
+            tmp = xp.empty(hi - lo, dtype=xp.float32)
+        dst = out[lo:hi] if direct else tmp[: hi - lo]
         # One gather writes both nibbles' levels (8 bytes per packed byte), then one
         # in-place multiply by the block scales.
-        xp.take(pairs, p[b0 * half: b1 * half], out=dst.view(xp.uint64))
-        vals = dst.reshape(m, bs)
-        xp.multiply(vals, scales[b0:b1, None], out=vals)
+        xp.take(pairs, p[c.start * half: c.stop * half], out=dst.view(xp.uint64))
+        vals = dst.reshape(c.stop - c.start, bs)
+        xp.multiply(vals, scales[c, None], out=vals)
         if not direct:
-            out[b0 * bs: b1 * bs] = dst
+            out[lo:hi] = dst
     tail = n - n_full * bs
     if tail:
-        levels = state.quant_map_array()
         codes = unpack_4bit(p[n_full * half:], tail)
-        out[n_full * bs:] = levels[codes] * scales[n_full]
+        out[n_full * bs:] = state.quant_map_array()[codes] * scales[n_full]
     return out.reshape(state.shape)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..backend import np, to_numpy, xp
 from .dynamic_map import double_dequantize
+from .levels import code_table
 
 __all__ = ["QuantState"]
 
@@ -80,7 +81,6 @@ class QuantState:
         self.dtype = np.dtype(self.dtype)
         self.blocksize = int(self.blocksize)
         if self.quant_map is None:
-            from .nf4 import code_table   # (nf4 imports this module)
             self.quant_map = xp.asarray(code_table(self.quant_type))
 
     # ------------------------------------------------------------------ derived values
