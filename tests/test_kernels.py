@@ -109,8 +109,22 @@ def _self_attention_cases(rng, dt):
             ("chunks", lambda x: F.self_attention(x, 4, dropout_p=0.1), [(9, 100, 48)])]
 
 
+def _lora_linear_cases(rng, dt):
+    # x (..., in), W (out, in), b (out,), A (r, in), B (out, r); a frozen W gets no dW
+    shapes = [(2, 5, 6), (4, 6), (4,), (3, 6), (4, 3)]
+    return [("W, b", lambda x, w, b, a, bb: F.lora_linear(x, w, b, a, bb, 0.5), shapes),
+            ("frozen W", lambda x, w, b, a, bb: F.lora_linear(x, w.detach(), b, a, bb, 2.0), shapes),
+            ("no bias", lambda x, w, a, bb: F.lora_linear(x, w, None, a, bb, 0.25),
+             [shapes[0], shapes[1], shapes[3], shapes[4]]),
+            ("dropped x", lambda x, xd, w, b, a, bb: F.lora_linear(x, w, b, a, bb, 0.5, xd),
+             [shapes[0], shapes[0]] + shapes[1:]),
+            ("rows", lambda x, w, b, a, bb: F.lora_linear(x, w, b, a, bb, 1.0),
+             [(257, 33), (65, 33), (65,), (8, 33), (65, 8)])]
+
+
 CASES = {"gelu": _gelu_cases, "layer_norm": _layer_norm_cases,
-         "scaled_dot_product_attention": _sdpa_cases, "self_attention": _self_attention_cases}
+         "scaled_dot_product_attention": _sdpa_cases, "self_attention": _self_attention_cases,
+         "lora_linear": _lora_linear_cases}
 
 
 def _run(mode, fn, arrays, g_out, no_grad):
