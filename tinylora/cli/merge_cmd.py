@@ -22,7 +22,8 @@ def register(sub, name, summary):
     p.add_argument("--out", default=None, help="merged checkpoint folder (default: ADAPTER-merged)")
     p.add_argument("--hf-out", default=None, metavar="DIR",
                    help="also write the merged model as a Hugging Face GPT-2 folder (config.json, "
-                        "model.safetensors; vocab.json and merges.txt for a GPT-2 BPE tokenizer)")
+                        "model.safetensors; vocab.json and merges.txt for a GPT-2 BPE tokenizer; "
+                        "default: none)")
     add_json(p)
     p.set_defaults(func=run)
 

@@ -154,13 +154,6 @@ class LoRALinear(LoraLayer):
         self.use_dora.pop(name, None)
         self._dora_norms.pop(name, None)
 
-    def _remove_weights(self, name) -> None:
-        for d in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
-            if name in d:
-                del d[name]
-        self.use_dora.pop(name, None)
-        self._dora_norms.pop(name, None)
-
     def _delta(self, name, x: Tensor, base_out: Tensor) -> Tensor:
         """Adapter ``name``'s addition to the base output for input x (..., in) -> (..., out)."""
         dropout = self.lora_dropout[name]
