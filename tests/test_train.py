@@ -243,3 +243,9 @@ def test_a_batch_source_trains_through_the_same_loop(as_dict):
     assert result.losses[60] < 0.05 * result.losses[1]
     with pytest.raises(ValueError, match="eval_interval=0"):
         Trainer(model, _Rows(as_dict), TrainConfig(eval_interval=5))
+
+
+@pytest.mark.parametrize("lr", [0.0, -1.0, float("inf"), float("nan")])
+def test_train_config_refuses_a_learning_rate_that_is_not_finite_and_positive(lr):
+    with pytest.raises(ValueError, match="lr must be > 0 and finite"):
+        TrainConfig(lr=lr)

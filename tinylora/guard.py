@@ -325,27 +325,15 @@ def _operand(x, op):
     raise _host_error(f"array {op} operand", x)
 
 
-def _binary(name, op):
+def _binary(name, op, inplace: bool = False):
     def method(self, other):
         global _ops
         o = _operand(other, op)
         if o is NotImplemented:
             return NotImplemented
         _ops += 1
-        return wrap(getattr(self._a, name)(o))
-    method.__name__ = name
-    return method
-
-
-def _inplace(name, op):
-    def method(self, other):
-        global _ops
-        o = _operand(other, op)
-        if o is NotImplemented:
-            return NotImplemented
-        _ops += 1
-        getattr(self._a, name)(o)
-        return self
+        out = getattr(self._a, name)(o)
+        return self if inplace else wrap(out)     # a += b changes self._a and returns self
     method.__name__ = name
     return method
 
@@ -366,7 +354,7 @@ for _n, _op in (("add", "+"), ("sub", "-"), ("mul", "*"), ("truediv", "/"), ("fl
                 ("xor", "^"), ("lshift", "<<"), ("rshift", ">>")):
     setattr(GuardArray, f"__{_n}__", _binary(f"__{_n}__", _op))
     setattr(GuardArray, f"__r{_n}__", _binary(f"__r{_n}__", _op))
-    setattr(GuardArray, f"__i{_n}__", _inplace(f"__i{_n}__", _op + "="))
+    setattr(GuardArray, f"__i{_n}__", _binary(f"__i{_n}__", _op + "=", inplace=True))
 for _n, _op in (("lt", "<"), ("le", "<="), ("gt", ">"), ("ge", ">="), ("eq", "=="), ("ne", "!=")):
     setattr(GuardArray, f"__{_n}__", _compare(f"__{_n}__", _op))
 def _unary(name):

@@ -72,7 +72,7 @@ class TrainConfig:
         if self.max_iters < 0 or self.eval_interval < 0 or self.warmup_iters < 0:
             raise ValueError("TrainConfig: max_iters, eval_interval and warmup_iters must be >= 0")
         if not 0 < self.lr < math.inf:
-            raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr}")
+            raise ValueError(f"TrainConfig.lr must be > 0 and finite, got {self.lr}")
 
 
 class NonFiniteError(RuntimeError):

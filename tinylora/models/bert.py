@@ -160,10 +160,13 @@ class BertSelfAttention(nn.Module):
         return f"n_head={self.n_head}"
 
 
-class BertSelfOutput(nn.Module):
-    def __init__(self, config: BertConfig):
+class BertOutput(nn.Module):
+    """dense, dropout, then the post-norm residual: after attention (``attention.output``,
+    in_features = hidden) and after the MLP (``output``, in_features = intermediate)."""
+
+    def __init__(self, config: BertConfig, in_features: int):
         super().__init__()
-        self.dense = _linear(config.hidden_size, config.hidden_size)
+        self.dense = _linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -175,7 +178,7 @@ class BertAttention(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.self = BertSelfAttention(config)  # HF's name; it makes the path "attention.self.query"
-        self.output = BertSelfOutput(config)
+        self.output = BertOutput(config, config.hidden_size)
 
     def forward(self, x: Tensor, mask) -> Tensor:
         return self.output(self.self(x, mask), x)
@@ -197,23 +200,12 @@ class BertIntermediate(nn.Module):
         return f"act={self.act}"
 
 
-class BertOutput(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.dense = _linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, h: Tensor, x: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(h)) + x)
-
-
 class BertLayer(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.attention = BertAttention(config)
         self.intermediate = BertIntermediate(config)
-        self.output = BertOutput(config)
+        self.output = BertOutput(config, config.intermediate_size)
 
     def forward(self, x: Tensor, mask) -> Tensor:
         x = self.attention(x, mask)
