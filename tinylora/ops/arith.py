@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .. import backend
+from .. import backend, dispatch
 from ..backend import xp
 from ..tensor import Tensor, make_result
 from ._util import lift, pair, unbroadcast
@@ -185,6 +185,15 @@ def sigmoid(x: Tensor) -> Tensor:
     # via tanh, which cannot overflow: σ(x) = (1 + tanh(x/2)) / 2
     y = (xp.tanh(x.data * 0.5) + 1) * 0.5
     return make_result(y, (x,), lambda g: (g * y * (1 - y),), "sigmoid")
+
+
+# y = x σ(x)  ->  dx = dy * σ(x) (1 + x (1 - σ(x)))
+@dispatch.op("silu")
+def silu(x: Tensor) -> Tensor:
+    """SiLU (swish), the gate of Llama's SwiGLU MLP."""
+    s = (xp.tanh(x.data * 0.5) + 1) * 0.5          # σ(x), overflow-free as in sigmoid
+    y = x.data * s
+    return make_result(y, (x,), lambda g: (g * s * (1 + x.data * (1 - s)),), "silu", (x,))
 
 
 # y = max(x, 0)  ->  dx = dy * [x > 0]
