@@ -12,7 +12,7 @@ from tinylora.io import load_safetensors
 from tinylora.models import Llama, LlamaConfig
 
 FIX = pathlib.Path(__file__).parent / "fixtures" / "llama"
-FOLDERS = ["llama_gqa", "llama_sharded", "llama_bf16", "qwen2_tied", "llama3_rope"]
+FOLDERS = ["llama_gqa", "llama_sharded", "llama_bf16", "qwen2_tied", "llama3_rope", "llama_q4"]
 
 
 def ref(name):
