@@ -159,3 +159,28 @@ def test_qwen2_config_has_qkv_bias_without_the_field():
     assert "attention_bias" not in cfg
     c = llama_config_from_hf(cfg, "x")
     assert c.attention_bias and c.model_type == "qwen2" and c.tie_word_embeddings
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied", "llama3_rope", "llama_gqa"])
+def test_save_pretrained_round_trips(tmp_path, name):
+    m = Llama.from_hf(FIX / name)
+    m.save_pretrained(tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == m.config.model_type and cfg["hidden_act"] == "silu"
+    again = Llama.from_hf(tmp_path / "out")
+    assert again.config == m.config
+    assert logits(again, name) < 1e-4
+
+
+def test_save_pretrained_of_a_merged_lora_model(tmp_path):
+    from tinylora import lora
+    m = Llama.from_hf(FIX / "llama_gqa")
+    lora.load_adapter(m, FIX / "llama_gqa" / "peft_adapter")
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        m.save_pretrained(tmp_path / "x")
+    lora.merge_and_unload(m)
+    m.save_pretrained(tmp_path / "merged")
+    r = load_safetensors(FIX / "llama_gqa" / "reference.safetensors")[0]
+    with tl.no_grad():
+        out, _ = Llama.from_hf(tmp_path / "merged").eval()(r["input_ids"])
+    assert np.abs(backend.to_numpy(out.data) - r["lora_logits"]).max() < 1e-4

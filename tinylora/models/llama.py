@@ -327,6 +327,12 @@ class Llama(Module):
         from .llama_hf import load_llama_hf
         return load_llama_hf(cls, folder)
 
+    def save_pretrained(self, folder) -> None:
+        """A Hugging Face folder (config.json + model.safetensors) that transformers loads.
+        See ``tinylora.models.llama_hf.save_llama_hf``."""
+        from .llama_hf import save_llama_hf
+        save_llama_hf(self, folder)
+
     # ------------------------------------------------------------------ generation
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, *, use_cache: bool = True, adapter_names=None,

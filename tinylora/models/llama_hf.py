@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import os
 
-from ..io import FormatError, load_json, load_safetensors, read_safetensors_header
+from ..io import (FormatError, load_json, load_safetensors, make_folder, read_safetensors_header,
+                  save_json, save_safetensors)
 
-__all__ = ["load_llama_hf", "llama_config_from_hf", "rope_from_hf", "weight_files"]
+__all__ = ["load_llama_hf", "llama_config_from_hf", "rope_from_hf", "weight_files",
+           "hf_config_dict", "save_llama_hf"]
 
 _REFUSED = {
     "mistral": "sliding-window attention", "mixtral": "a mixture-of-experts MLP",
@@ -171,3 +173,44 @@ def load_llama_hf(cls, folder):
             state[k] = arrays.pop(k).astype(ours[k].dtype, copy=False)
     model.load_weights(state, source=folder)
     return model
+
+
+# ----------------------------------------------------------------------------- writing
+
+def hf_config_dict(config) -> dict:
+    """config.json for a LlamaConfig, in the form transformers 4.x writes and 5.x also reads
+    (top-level rope_theta / rope_scaling)."""
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[config.model_type]
+    d = {"architectures": [arch], "model_type": config.model_type, "hidden_act": "silu",
+         "torch_dtype": "float32"}
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+              "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings",
+              "attention_dropout", "initializer_range"):
+        d[k] = getattr(config, k)
+    if config.model_type == "llama":
+        d.update(attention_bias=config.attention_bias, mlp_bias=config.mlp_bias)
+    else:
+        d.update(use_sliding_window=False)
+    return d
+
+
+def save_llama_hf(model, folder) -> None:
+    """Write ``model`` as a Hugging Face folder (config.json + model.safetensors, float32)
+    that ``transformers`` and ``Llama.from_hf`` load. LoRA layers must be merged first."""
+    weights = model.weights_to_save()
+    odd = [k for k in weights if "lora_" in k or "base_layer" in k or k.endswith((".absmax", ".quant"))]
+    bad = [n for n, m in model.named_modules() if type(m).__name__ not in _PLAIN_MODULES]
+    if odd or bad:
+        raise ValueError(f"save_pretrained: the model holds {(odd or bad)[0]!r}; a Hugging Face "
+                         "folder holds plain float weights: lora.merge_and_unload(model) first "
+                         "(a 4-bit model is saved with tinylora.quant instead)")
+    folder = make_folder(folder)
+    save_safetensors(os.path.join(folder, "model.safetensors"),
+                     {k: v.astype("float32", copy=False) for k, v in weights.items()},
+                     metadata={"format": "pt"})
+    save_json(os.path.join(folder, "config.json"), hf_config_dict(model.config))
+
+
+_PLAIN_MODULES = ("Llama", "LlamaModel", "LlamaDecoderLayer", "LlamaAttention", "LlamaMLP",
+                  "RMSNorm", "Linear", "Embedding", "ModuleList")
