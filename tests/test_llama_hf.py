@@ -184,3 +184,10 @@ def test_save_pretrained_of_a_merged_lora_model(tmp_path):
     with tl.no_grad():
         out, _ = Llama.from_hf(tmp_path / "merged").eval()(r["input_ids"])
     assert np.abs(backend.to_numpy(out.data) - r["lora_logits"]).max() < 1e-4
+
+
+def test_prequantized_folder_is_refused_by_name():
+    """llama_q4_bnb (saved by transformers with BitsAndBytesConfig) is a fixture for reading
+    such folders directly; until then from_hf names the field instead of misreading it."""
+    with pytest.raises(FormatError, match="quantization_config='bitsandbytes'"):
+        Llama.from_hf(FIX / "llama_q4_bnb")
