@@ -186,8 +186,36 @@ def test_save_pretrained_of_a_merged_lora_model(tmp_path):
     assert np.abs(backend.to_numpy(out.data) - r["lora_logits"]).max() < 1e-4
 
 
-def test_prequantized_folder_is_refused_by_name():
-    """llama_q4_bnb (saved by transformers with BitsAndBytesConfig) is a fixture for reading
-    such folders directly; until then from_hf names the field instead of misreading it."""
-    with pytest.raises(FormatError, match="quantization_config='bitsandbytes'"):
-        Llama.from_hf(FIX / "llama_q4_bnb")
+def test_prequantized_bitsandbytes_folder_gives_bitsandbytes_logits():
+    """llama_q4_bnb was saved by transformers with BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True): its codes load as they are."""
+    from tinylora.quant import Linear4bit
+    m = Llama.from_hf(FIX / "llama_q4_bnb")
+    q = [p for p, mod in m.named_modules() if isinstance(mod, Linear4bit)]
+    assert len(q) == 7 and not isinstance(m.lm_head, Linear4bit)
+    assert m.model.layers[0].self_attn.q_proj.double_quant
+    assert logits(m, "llama_q4_bnb") < 1e-4
+
+
+def test_prequantized_with_adapter(tmp_path):
+    """A PEFT adapter on a downloaded 4-bit base: PEFT's outputs over bitsandbytes' layers."""
+    from tinylora import lora
+    m = Llama.from_hf(FIX / "llama_q4_bnb")
+    lora.load_adapter(m, FIX / "llama_q4" / "peft_adapter", check_base=False)
+    r = load_safetensors(FIX / "llama_q4_bnb" / "reference.safetensors")[0]
+    with tl.no_grad():
+        out, _ = m.eval()(r["input_ids"])
+    assert np.abs(backend.to_numpy(out.data) - r["lora_logits"]).max() < 1e-4
+    assert np.abs(r["lora_logits"] - r["logits"]).max() > 1e-2
+
+
+@pytest.mark.parametrize("qc,msg", [
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "bitsandbytes 8-bit"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "int4"}, "int4"),
+    ({"quant_method": "awq"}, "'awq'"),
+])
+def test_other_quantizations_are_refused(tmp_path, qc, msg):
+    d = copy(tmp_path, "llama_q4_bnb")
+    edit_config(d, quantization_config=qc)
+    with pytest.raises(FormatError, match=msg):
+        Llama.from_hf(d)
