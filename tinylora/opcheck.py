@@ -283,7 +283,38 @@ def all_cases() -> list[OpCase]:
           OpCase("self_attention", ((1, 130, 6),), lambda x: F.self_attention(x, 1)),  # causal tiles
           OpCase(sdpa, ((1, 1, 130, 2), (1, 1, 140, 2), (1, 1, 140, 2)),
                  lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))]
+    c += _llama_cases()
     return c
+
+
+def _rope(positions, head_dim, scaling=None):
+    return F.rope_tables(positions, head_dim, 500.0, scaling, dtype="float64")
+
+
+_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def _llama_cases() -> list[OpCase]:
+    """The Llama-family ops: SiLU, SwiGLU, RMSNorm, RoPE, grouped-query attention."""
+    cos, sin = _rope(range(5), 6)
+    cos3, sin3 = _rope(range(3, 7), 8, _LLAMA3)
+    return [
+        OpCase("silu", ((3, 4),), ops.silu), OpCase("silu", ((2, 3, 5),), ops.silu),
+        OpCase("swiglu", ((2, 3, 4), (6, 4), (6, 4), (4, 6)),      # down(silu(gate x) ⊙ up x)
+               lambda x, wg, wu, wd: F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)),
+        OpCase("rms_norm", ((4, 6), (6,)), lambda x, w: F.rms_norm(x, 6, w)),
+        OpCase("rms_norm", ((2, 3, 5), (5,)), lambda x, w: F.rms_norm(x, (5,), w, 1e-3)),
+        OpCase("rms_norm", ((2, 3, 4),), lambda x: F.rms_norm(x, 4)),
+        OpCase("apply_rotary", ((2, 3, 5, 6),), lambda x: F.apply_rotary(x, cos, sin)),
+        OpCase("apply_rotary", ((1, 2, 4, 8),), lambda x: F.apply_rotary(x, cos3, sin3)),
+        OpCase("repeat_kv", ((2, 2, 3, 4),), lambda x: F.repeat_kv(x, 3)),
+        OpCase("grouped_query_attention", ((2, 4, 5, 6), (2, 2, 5, 6), (2, 2, 5, 6)),
+               lambda q, k, v: F.grouped_query_attention(q, k, v)),
+        OpCase("grouped_query_attention", ((1, 6, 3, 4), (1, 2, 5, 4), (1, 2, 5, 4)),
+               lambda q, k, v: F.grouped_query_attention(
+                   F.apply_rotary(q, *_rope(range(2, 5), 4)), F.apply_rotary(k, *_rope(range(5), 4)), v)),
+    ]
 
 
 def _seeded_dropout(a):

@@ -6,17 +6,21 @@ These are the reference definitions; fast versions of some live in ``tinylora.ke
 """
 from __future__ import annotations
 
-from ..ops import gelu, linear, relu, sigmoid, tanh
+from ..ops import gelu, linear, relu, sigmoid, silu, tanh
 from ..tensor import Tensor
 from .attention import causal_bias, scaled_dot_product_attention, self_attention
+from .gqa import grouped_query_attention, repeat_kv
 from .layers import dropout, embedding, layer_norm
 from .lora import lora_linear
+from .rms_norm import rms_norm
+from .rope import apply_rotary, rope_tables
 from .softmax import cross_entropy, log_softmax, softmax
 
 __all__ = [
     "gelu", "linear", "relu", "sigmoid", "tanh", "scaled_dot_product_attention", "self_attention",
     "causal_bias", "dropout", "embedding", "layer_norm", "cross_entropy", "log_softmax",
-    "softmax", "mse_loss", "lora_linear",
+    "softmax", "mse_loss", "lora_linear", "silu", "rms_norm", "apply_rotary", "rope_tables",
+    "repeat_kv", "grouped_query_attention",
 ]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..tensor import Tensor
 from .arith import (abs, add, clamp, div, exp, gelu, linear, log, matmul, mul, neg, pow,
-                    relu, sigmoid, sqrt, sub, tanh, to_dtype)
+                    relu, sigmoid, silu, sqrt, sub, tanh, to_dtype)
 from .reduce import argmax, max, mean, min, sum, var
 from .shape import (cat, chunk, concat, expand, flatten, getitem, masked_fill, narrow,
                     permute, reshape, split, squeeze, stack, transpose, unsqueeze, where)
@@ -18,7 +18,7 @@ from ._util import unbroadcast
 
 __all__ = [
     "abs", "add", "clamp", "div", "exp", "gelu", "linear", "log", "matmul", "mul", "neg",
-    "pow", "relu", "sigmoid", "sqrt", "sub", "tanh", "to_dtype", "argmax", "max", "mean",
+    "pow", "relu", "sigmoid", "silu", "sqrt", "sub", "tanh", "to_dtype", "argmax", "max", "mean",
     "min", "sum", "var", "cat", "chunk", "concat", "expand", "flatten", "getitem",
     "masked_fill", "narrow", "permute", "reshape", "split", "squeeze", "stack", "transpose",
     "unsqueeze", "where", "unbroadcast",
@@ -64,7 +64,7 @@ def _install(T) -> None:
     T.__ne__ = _compare(lambda a, b: a != b)
     T.__hash__ = object.__hash__  # tensors are keyed by identity, like torch's
     for name in ("add", "sub", "mul", "div", "neg", "pow", "matmul", "exp", "log", "sqrt",
-                 "tanh", "sigmoid", "relu", "abs", "clamp", "sum", "mean", "max", "min",
+                 "tanh", "sigmoid", "silu", "relu", "abs", "clamp", "sum", "mean", "max", "min",
                  "var", "argmax", "reshape", "flatten", "unsqueeze", "squeeze", "transpose",
                  "permute", "expand", "split", "chunk", "masked_fill"):
         setattr(T, name, globals()[name])

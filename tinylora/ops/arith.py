@@ -187,6 +187,15 @@ def sigmoid(x: Tensor) -> Tensor:
     return make_result(y, (x,), lambda g: (g * y * (1 - y),), "sigmoid")
 
 
+# y = x σ(x)  ->  dx = dy * σ(x) (1 + x (1 - σ(x)))
+@dispatch.op("silu")
+def silu(x: Tensor) -> Tensor:
+    """SiLU (swish), the gate of Llama's SwiGLU MLP."""
+    s = (xp.tanh(x.data * 0.5) + 1) * 0.5          # σ(x), overflow-free as in sigmoid
+    y = x.data * s
+    return make_result(y, (x,), lambda g: (g * s * (1 + x.data * (1 - s)),), "silu", (x,))
+
+
 # y = max(x, 0)  ->  dx = dy * [x > 0]
 def relu(x: Tensor) -> Tensor:
     mask = x.data > 0
