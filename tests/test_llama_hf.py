@@ -12,6 +12,7 @@ from tinylora.backend import np
 from tinylora.functional import rope_tables
 from tinylora.io import FormatError, load_safetensors
 from tinylora.models import Llama
+from tinylora.models import LlamaConfig
 from tinylora.models.llama_hf import llama_config_from_hf, rope_from_hf
 
 FIX = pathlib.Path(__file__).parent / "fixtures" / "llama"
@@ -157,7 +158,7 @@ def test_rope_forms_agree():
 def test_qwen2_config_has_qkv_bias_without_the_field():
     cfg = json.loads((FIX / "qwen2_tied" / "config.json").read_text())
     assert "attention_bias" not in cfg
-    c = llama_config_from_hf(cfg, "x")
+    c = llama_config_from_hf(cfg, "x", LlamaConfig)
     assert c.attention_bias and c.model_type == "qwen2" and c.tie_word_embeddings
 
 

@@ -67,6 +67,9 @@ EXEMPT = {
                     lambda x: ops.unbroadcast(x.data, (x.shape[-1],))),
     "causal_bias": ("returns a constant additive mask (an array) that attention adds to its scores",
                     lambda x: F.causal_bias(3, 5, x.dtype)),
+    "rope_tables": ("returns the constant cos/sin tables (arrays) of the rotary embedding; "
+                    "apply_rotary, which uses them, has the cases",
+                    lambda x: F.rope_tables(range(x.shape[0]), 4, dtype=x.dtype)),
 }
 
 # ops declared through ``dispatch`` that are not graph ops, so no gradient check reaches them
@@ -301,7 +304,7 @@ def _llama_cases() -> list[OpCase]:
     cos3, sin3 = _rope(range(3, 7), 8, _LLAMA3)
     return [
         OpCase("silu", ((3, 4),), ops.silu), OpCase("silu", ((2, 3, 5),), ops.silu),
-        OpCase("swiglu", ((2, 3, 4), (6, 4), (6, 4), (4, 6)),      # down(silu(gate x) ⊙ up x)
+        OpCase("silu(swiglu)", ((2, 3, 4), (6, 4), (6, 4), (4, 6)),      # down(silu(gate x) ⊙ up x)
                lambda x, wg, wu, wd: F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)),
         OpCase("rms_norm", ((4, 6), (6,)), lambda x, w: F.rms_norm(x, 6, w)),
         OpCase("rms_norm", ((2, 3, 5), (5,)), lambda x, w: F.rms_norm(x, (5,), w, 1e-3)),

@@ -325,7 +325,7 @@ class Llama(Module):
         """A Llama or Qwen2 from a Hugging Face folder (config.json + safetensors), in the
         default dtype. See ``tinylora.models.llama_hf``."""
         from .llama_hf import load_llama_hf
-        return load_llama_hf(cls, folder)
+        return load_llama_hf(cls, folder, LlamaConfig)
 
     def save_pretrained(self, folder) -> None:
         """A Hugging Face folder (config.json + model.safetensors) that transformers loads.

@@ -89,9 +89,9 @@ def bnb_4bit_settings(qc, where: str):
     return qt, bool(qc.get("bnb_4bit_use_double_quant", False))
 
 
-def llama_config_from_hf(cfg: dict, where: str):
-    """LlamaConfig from a parsed config.json; unsupported variants are FormatErrors."""
-    from .llama import LlamaConfig
+def llama_config_from_hf(cfg: dict, where: str, config_cls):
+    """``config_cls`` (LlamaConfig) from a parsed config.json; unsupported variants are
+    FormatErrors. The class comes from the caller, so this module does not import llama."""
 
     mt = cfg.get("model_type")
     if mt not in ("llama", "qwen2"):
@@ -114,7 +114,7 @@ def llama_config_from_hf(cfg: dict, where: str):
         _refuse(where, "layer_types", "sliding_attention", "tinylora attends to the whole context")
     theta, scaling = rope_from_hf(cfg, where)
     try:
-        return LlamaConfig(
+        return config_cls(
             vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=cfg["num_attention_heads"],
@@ -174,8 +174,8 @@ def weight_files(folder: str, who: str = "Llama.from_hf") -> dict:
                             f"model.safetensors.index.json{hint}")
 
 
-def load_llama_hf(cls, folder):
-    """``cls(config)`` (a Llama) with the weights of the HF folder."""
+def load_llama_hf(cls, folder, config_cls):
+    """``cls(config)`` (a Llama; config a ``config_cls``) with the weights of the HF folder."""
     folder = os.fspath(folder)
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isdir(folder):
@@ -184,7 +184,7 @@ def load_llama_hf(cls, folder):
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"Llama.from_hf: {cfg_path} is missing")
     raw = load_json(cfg_path)
-    config = llama_config_from_hf(raw, cfg_path)
+    config = llama_config_from_hf(raw, cfg_path, config_cls)
     files = weight_files(folder)
     model = cls(config)
     padded = set()
