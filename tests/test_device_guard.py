@@ -247,3 +247,15 @@ def test_engine_suite_passes_under_the_guard():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *GUARDED],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_tokenizers_decode_ids_that_live_on_the_device(guard):
+    # generate() returns device arrays; np.asarray of one raises on CuPy (as under the guard)
+    from tinylora.data import CharTokenizer
+    from tinylora.data.gpt2_bpe import GPT2Tokenizer
+    char = CharTokenizer.builtin()
+    ids = char.encode("def f(x):")
+    assert char.decode(backend.xp.asarray(ids)) == "def f(x):"
+    bpe = GPT2Tokenizer.from_pretrained(ROOT / "tests" / "fixtures" / "gpt2_bpe")
+    ids = bpe.encode("hello world")
+    assert bpe.decode(tl.tensor(backend.xp.asarray(ids))) == "hello world"

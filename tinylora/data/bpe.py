@@ -21,6 +21,7 @@ import unicodedata
 
 from ..io import FormatError, load_json
 from .gpt2_bpe import bytes_to_unicode
+from .text import host_ids
 
 __all__ = ["BPETokenizer", "translate_regex"]
 
@@ -342,8 +343,7 @@ class BPETokenizer:
     # ------------------------------------------------------------------ decode
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         tokens = []
-        for i in (ids.tolist() if hasattr(ids, "tolist") else ids):
-            i = int(i)
+        for i in host_ids(ids).tolist():
             if i not in self.id_to_token:
                 raise ValueError(f"BPETokenizer.decode: id {i} is not in the vocabulary "
                                  f"(size {self.vocab_size})")

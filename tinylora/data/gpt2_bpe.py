@@ -23,6 +23,7 @@ import unicodedata
 
 from ..backend import np
 from ..io import FormatError, decode_utf8, load_json
+from .text import host_ids
 
 __all__ = ["GPT2Tokenizer", "bytes_to_unicode", "pretokenize"]
 
@@ -158,7 +159,7 @@ class GPT2Tokenizer:
         return np.asarray(ids, dtype=dtype)
 
     def decode(self, ids) -> str:
-        a = np.asarray(getattr(ids, "data", ids)).reshape(-1).tolist()
+        a = host_ids(ids).tolist()
         bad = [i for i in a if i not in self.decoder]
         if bad:
             raise ValueError(f"token id {bad[0]} is not in this tokenizer's vocabulary")

@@ -31,7 +31,17 @@ from ..io import decode_utf8
 from ..tensor import Tensor
 
 __all__ = ["CharTokenizer", "BUILTIN_VOCAB", "BUILTIN_CORPORA", "builtin_text", "load_text",
-           "read_corpus", "train_val_split", "get_batch", "TextData", "load_data", "normalize_ascii"]
+           "read_corpus", "train_val_split", "get_batch", "TextData", "load_data", "normalize_ascii",
+           "host_ids"]
+
+def host_ids(ids):
+    """Token ids as a flat int64 host array, from a Tensor, a host or device array, or a list
+    (a device array is copied to the host: ``np.asarray`` of a CuPy array would raise)."""
+    if isinstance(ids, Tensor):
+        ids = ids.data
+    a = backend.to_numpy(ids) if backend.is_array(ids) else np.asarray(ids)
+    return a.reshape(-1).astype(np.int64, copy=False)
+
 
 BUILTIN_VOCAB = "\n" + "".join(chr(i) for i in range(32, 127))   # 96 symbols
 _CORPUS_CHARS = 300_000
@@ -85,10 +95,7 @@ class CharTokenizer:
         return ids.astype(dtype, copy=False)
 
     def decode(self, ids) -> str:
-        if isinstance(ids, Tensor):
-            ids = ids.data
-        a = backend.to_numpy(ids) if backend.is_array(ids) else np.asarray(ids)
-        a = a.reshape(-1).astype(np.int64, copy=False)
+        a = host_ids(ids)
         if a.size and (a.min() < 0 or a.max() >= self.vocab_size):
             bad = int(a.min()) if a.min() < 0 else int(a.max())
             raise ValueError(f"token id {bad} is outside this tokenizer's vocabulary "
