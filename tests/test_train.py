@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import tinylora as tl
-from tinylora import nn
+from tinylora import backend, nn
 from tinylora.checkpoint import load_gpt, resolve_checkpoint, save_checkpoint
 from tinylora.cli import main as cli
 from tinylora.data import load_data
@@ -124,7 +124,10 @@ def test_nonfinite_loss_stops_with_the_last_good_checkpoint(tmp_path, prose):
     saved, _ = load_safetensors(os.path.join(info.value.checkpoint, "model.safetensors"))
     assert len(saved) == len(good)
     for k, v in good.items():                     # the checkpoint is the clean run's step 4
-        assert np.array_equal(saved["inner." + k], v), k
+        if backend.is_cuda():   # atomic scatter-adds (the embedding's backward) sum in no fixed order
+            np.testing.assert_allclose(saved["inner." + k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+        else:
+            assert np.array_equal(saved["inner." + k], v), k
     assert json.load(open(tmp_path / "run" / "latest.json"))["step"] == 4
 
 
