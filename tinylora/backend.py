@@ -390,16 +390,21 @@ def dropout_tape(mode: str, masks: list):
         _mask_tape = prev
 
 
-def dropout_mask(shape, p: float, dtype=None):
-    """Inverted-dropout multiplier drawn on the device: 0 with probability p, else 1/(1-p)."""
+def dropout_keep(shape, p: float):
+    """Which values dropout keeps, drawn on the device: a bool array, False with probability p.
+    (A bool mask is a quarter of a float32 one: what attention's kernel keeps for backward.)"""
     if _mask_tape is not None and _mask_tape[0] == "replay":
         return _mask_tape[1].pop(0)
-    dt = _dt(dtype)
     keep = xp.asarray(_dev.random(shape, dtype=np.float32)) >= p  # asarray: guard's arrays
-    mask = keep.astype(dt) * dt.type(1.0 / (1.0 - p))
     if _mask_tape is not None:
-        _mask_tape[1].append(mask)
-    return mask
+        _mask_tape[1].append(keep)
+    return keep
+
+
+def dropout_mask(shape, p: float, dtype=None):
+    """Inverted-dropout multiplier drawn on the device: 0 with probability p, else 1/(1-p)."""
+    dt = _dt(dtype)
+    return dropout_keep(shape, p).astype(dt) * dt.type(1.0 / (1.0 - p))
 
 
 # ----------------------------------------------------------------------------- host memory

@@ -55,7 +55,10 @@ def _forward(Q, K, V, O, mask, dropout_p, is_causal, c):
     bias = causal_bias(T, S, Q.dtype) if is_causal and not boolean else None
     Qs = Q * c                                        # (B, nh, T, d), scaled once: cheaper than S
     P = xp.empty(Q.shape[:-1] + (S,), dtype=Q.dtype)  # (B, nh, T, S)
-    drop = xp.empty(P.shape, dtype=Q.dtype) if dropout_p > 0 else None
+    # dropout keeps a bool mask (a quarter of a float one) and multiplies by 1/(1-p) apart:
+    # (p·scale)·keep is exactly p·(keep·scale), the reference's value
+    drop = xp.empty(P.shape, dtype=bool) if dropout_p > 0 else None
+    scale = Q.dtype.type(1.0 / (1.0 - dropout_p)) if dropout_p > 0 else None
     for r in _chunks(B, P[0].size):
         p = xp.matmul(Qs[r], _mT(K[r]), out=P[r])
         if bias is not None:
@@ -69,26 +72,27 @@ def _forward(Q, K, V, O, mask, dropout_p, is_causal, c):
         xp.exp(p, out=p)
         p *= 1 / p.sum(axis=-1, keepdims=True)
         if drop is not None:
-            dm = backend.dropout_mask(p.shape, dropout_p, p.dtype)
-            drop[r] = dm
-            xp.matmul(p * dm, V[r], out=O[r])
+            keep = drop[r] = backend.dropout_keep(p.shape, dropout_p)
+            xp.matmul(p * scale * keep, V[r], out=O[r])
         else:
             xp.matmul(p, V[r], out=O[r])
-    return Qs, P, drop
+    return Qs, P, (drop, scale)
 
 
 def _backward(G, Qs, K, V, O, P, drop, c, dQ, dK, dV, mask=None, is_causal=False):
     """Write dQ, dK, dV (any of them may be None) for output gradient G (B, nh, T, dv)."""
     B, T, S = Qs.shape[0], Qs.shape[-2], K.shape[-2]
+    drop, scale = drop
     for r in _chunks(B, P[0].size):
         g, p = G[r], P[r]
-        pd = p if drop is None else p * drop[r]
+        pd = p if drop is None else p * scale * drop[r]
         if dV is not None:
             xp.matmul(_mT(pd), g, out=dV[r])
         if dQ is None and dK is None:
             continue
         ds = g @ _mT(V[r])                             # dPd
         if drop is not None:
+            ds *= scale
             ds *= drop[r]
         ds -= (g * O[r]).sum(axis=-1, keepdims=True)   # - D
         ds *= p                                        # dS / c is folded into dQ and Qs
