@@ -19,17 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import textwrap
 import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 2 ** 20
 
-# each stored result file -> the command that made it
+# each stored result file -> the command that made it (and which of its outputs, if not stdout)
 COMMANDS = {
-    "demo.json": "tinylora demo --out DIR (seed 0, the defaults), its DIR/metrics.json with "
-                 "absolute paths removed",
-    "classify.json": "OPENBLAS_NUM_THREADS=1 tinylora classify --out DIR, its DIR/metrics.json",
+    "demo.json": ("tinylora demo --out DIR", "DIR/metrics.json, absolute paths removed"),
+    "classify.json": ("OPENBLAS_NUM_THREADS=1 tinylora classify --out DIR", "DIR/metrics.json"),
     "compare_torch.json": "python benchmarks/compare_torch.py --threads 2 --rounds 8 "
                           "--json-out benchmarks/results/compare_torch.json",
     "lora_vs_full_gpt-6x384.json": "tinylora bench lora --config gpt-6x384",
@@ -43,7 +43,6 @@ COMMANDS = {
 SOURCES = {
     "demo": ["demo.json"],
     "classify": ["classify.json"],
-    "machine": ["compare_torch.json"],
     "compare-torch": ["compare_torch.json"],
     "lora-vs-full": ["lora_vs_full_gpt-6x384.json", "compare_torch.json"],
     "infer": ["infer_gpt-6x384.json", "infer_nanogpt-cpu.json"],
@@ -53,8 +52,6 @@ SOURCES = {
 
 # the project's goals, stated next to the measured figure (not measurements)
 TARGET_RATIO = {"full": "≥ 0.9", "lora": "≥ 1.0"}
-LOAD_NOTE = ("measured on a 2-core VM shared with other jobs: times are rough and drift "
-             "between runs; counts, sizes, losses and accuracies do not depend on the load")
 
 
 def load(name: str):
@@ -62,8 +59,31 @@ def load(name: str):
 
 
 def source_line(name: str) -> str:
-    made = "; ".join(f"[`{f}`](benchmarks/results/{f}) by `{COMMANDS[f]}`" for f in SOURCES[name])
-    return f"<sub>From {made}.</sub>"
+    made = []
+    for f in SOURCES[name]:
+        cmd, what = COMMANDS[f] if isinstance(COMMANDS[f], tuple) else (COMMANDS[f], None)
+        made.append(f"[`{f}`](benchmarks/results/{f}) by `{cmd}`" + (f" ({what})" if what else ""))
+    return f"<sub>From {'; '.join(made)}.</sub>"
+
+
+def wrap(text: str, indent: str = "") -> str:
+    """A prose paragraph or bullet wrapped like the rest of the README (95 columns)."""
+    return textwrap.fill(text, width=95, subsequent_indent=indent, break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def load_note(cpu_count) -> str:
+    return (f"Timings were measured on a {cpu_count}-core VM shared with other jobs: they are "
+            "rough and drift between runs; counts, sizes, losses and accuracies do not depend "
+            "on the load.")
+
+
+def _ms(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def _pct(v: float) -> str:
+    return f"{v:.3f}" if v < 0.1 else f"{v:.1f}" if v < 10 else f"{v:.0f}"
 
 
 def _mib(n_bytes: float, digits: int = 2) -> str:
@@ -87,7 +107,7 @@ def demo() -> str:
         rows.append(f"| {label} | {r['trainable']:,} | {r['trainable_pct']:.2f} | "
                     f"{r['val_before']:.3f} → {r['val_after']:.3f} | {r['ms_per_step']:.0f} | "
                     f"{r['peak_rss_mb']:.0f} MiB | {_mib(r['state_bytes'])} | "
-                    f"{_mib(r['saved_bytes'])} (`{r['saved']}/`) |")
+                    f"{_mib(r['saved_bytes'])} (`{r['saved_file'] if key == 'full' else r['saved'] + '/'}`) |")
     gap = lo["val_after"] - full["val_after"]
     ahead = [s_ for (s_, v), (_, w) in zip(lo["curve"], full["curve"]) if 0 < s_ and v < w]
     bits = re.search(r"\(([\d.]+) bits\)", q["quantized"] or "")
@@ -127,7 +147,7 @@ def demo() -> str:
         f"{mach['cpu_count']} CPUs ({mach['processor']}), {mach['platform'].split('-')[0]}, "
         f"Python {mach['python']}, NumPy {mach['numpy']} with OpenBLAS "
         f"{_openblas(mach['blas'])}, {d['blas_threads']} BLAS thread per phase (the demo's "
-        f"default). Timings {LOAD_NOTE}.",
+        f"default). {load_note(mach['cpu_count'])}",
     ])
 
 
@@ -142,14 +162,14 @@ def classify() -> str:
         saved = r["saved_bytes"]
         size = f"{saved / 1e3:.1f} kB" if saved < 1e6 else f"{saved / 1e6:.1f} MB"
         rows.append(f"| {labels[r['method']].format(r=s['lora_r'])} | {r['test_accuracy']:.3f} | "
-                    f"{r['trainable_params']:,} | {r['trainable_pct']:.3g} | {size} | "
-                    f"{1000 * r['sec_per_step']:.1f} | {r['peak_train_mb']:.1f} | {r['seconds']:.0f} |")
+                    f"{r['trainable_params']:,} | {_pct(r['trainable_pct'])} | {size} | "
+                    f"{_ms(1000 * r['sec_per_step'])} | {r['peak_train_mb']:.1f} | {r['seconds']:.0f} |")
     n = data["train"] + data["test"]
     return "\n".join([
         source_line("classify"),
         "",
         f"Fine-tuning it on tinylora's built-in task (who performs the action — "
-        f"{', '.join(data['classes'][:-1])} or {data['classes'][-1]} — in {n:,} generated "
+        f"a {', a '.join(data['classes'][:-1])} or a {data['classes'][-1]} — in {n:,} generated "
         f"sentences where only word order and voice tell; {data['train']} train / {data['test']} "
         f"held out), `tinylora classify` or `python examples/minilm_lora.py`: {s['steps']} steps "
         f"of {s['batch_size']} sentences for LoRA and full fine-tuning, {s['probe_steps']} "
@@ -160,24 +180,21 @@ def classify() -> str:
         *rows,
         "",
         "(Peak MB: memory allocated during training beyond the model's weights; s: the whole "
-        f"method, loading and evaluation included. Timings {LOAD_NOTE}.)",
+        f"method, loading and evaluation included. {load_note(d['machine']['cpu_count'])})",
     ])
 
 
-def machine() -> str:
-    d = load("compare_torch.json")
+def _machine(d: dict) -> str:
     blas = next((r.get("blas", {}).get("tinylora") for r in d["results"] if r.get("blas")), [])
     return "\n".join([
-        source_line("machine"),
-        "",
         f"Measured on this project's development machine on {d['date']}: a {d['cpu_count']}-vCPU "
-        f"{d['processor']} VM, Python {d['python']}, NumPy {d['numpy']} with OpenBLAS "
+        f"{d['processor'].replace('(R)', '').replace(' Processor', '')} VM, Python {d['python']}, NumPy {d['numpy']} with OpenBLAS "
         f"{_openblas(blas)} ({d['threads']} threads; float32 GEMM peak {d['gemm_peak_gflops']:.0f} "
         f"GFLOP/s measured by the same run), PyTorch {d['torch'].split('+')[0]} CPU with "
         f"{d['threads']} threads. The VM is shared with other machines, so absolute times drift "
         "between runs; each ratio comes from one run that measured both sides. The JSON each "
         "figure comes from is in "
-        "[benchmarks/results/](benchmarks/results/), named under it with its command.",
+        "[benchmarks/results/](benchmarks/results/), named above it with its command.",
     ])
 
 
@@ -188,14 +205,16 @@ def compare_torch() -> str:
         cfg = (f"{r['n_layer']} layers, {r['n_embd']} wide, block {r['block_size']}, "
                f"batch {r['batch_size']}")
         mode = "full" if r["mode"] == "full" else "LoRA r=8"
-        rows.append(f"| {cfg if cfg != last else ''} | {mode} | {r['tinylora_ms']:.1f} | "
-                    f"{r['torch_ms']:.1f} | {r['ratio_tokens_per_s']:.2f} | "
+        rows.append(f"| {cfg if cfg != last else ''} | {mode} | {_ms(r['tinylora_ms'])} | "
+                    f"{_ms(r['torch_ms'])} | {r['ratio_tokens_per_s']:.2f} | "
                     f"{TARGET_RATIO.get(r['mode'], '')} | {r['tinylora_gflops']:.0f} "
                     f"({100 * r['tinylora_mfu']:.0f}%) | {r['tinylora_peak_rss_mb']:.0f} / "
                     f"{r['torch_peak_rss_mb']:.0f} MB |")
         last = cfg
     return "\n".join([
         source_line("compare-torch"),
+        "",
+        _machine(d),
         "",
         "**Training step vs PyTorch eager** (needs `pip install torch==2.13.0`; each side in its "
         "own worker process, rounds alternating):",
@@ -292,9 +311,20 @@ def qlora() -> str:
     ])
 
 
-RENDER = {"demo": demo, "classify": classify, "machine": machine, "compare-torch": compare_torch,
+RENDER = {"demo": demo, "classify": classify, "compare-torch": compare_torch,
           "lora-vs-full": lora_vs_full, "infer": infer, "encode": encode, "qlora": qlora}
 assert RENDER.keys() == SOURCES.keys()
+
+
+def _format(body: str) -> str:
+    """Wrap the prose lines (one paragraph or bullet each); tables and the source line stay."""
+    out = []
+    for line in body.split("\n"):
+        if not line or line.startswith(("|", "<sub>")):
+            out.append(line)
+        else:
+            out.append(wrap(line, "  " if line.startswith("- ") else ""))
+    return "\n".join(out)
 
 
 def _block(name: str) -> re.Pattern:
@@ -310,7 +340,7 @@ def render(text: str) -> str:
         if found != 1:
             raise ValueError(f"README: expected one '<!-- figures:{name} begin/end -->' block, "
                              f"found {found}")
-        body = fn()
+        body = _format(fn())
         text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(3), text)
     return text
 
