@@ -82,6 +82,10 @@ def _ms(v: float) -> str:
     return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
 
 
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
 def _pct(v: float) -> str:
     return f"{v:.3f}" if v < 0.1 else f"{v:.1f}" if v < 10 else f"{v:.0f}"
 
@@ -169,7 +173,7 @@ def classify() -> str:
         source_line("classify"),
         "",
         f"Fine-tuning it on tinylora's built-in task (who performs the action — "
-        f"a {', a '.join(data['classes'][:-1])} or a {data['classes'][-1]} — in {n:,} generated "
+        f"{', '.join(map(_a, data['classes'][:-1]))} or {_a(data['classes'][-1])} — in {n:,} generated "
         f"sentences where only word order and voice tell; {data['train']} train / {data['test']} "
         f"held out), `tinylora classify` or `python examples/minilm_lora.py`: {s['steps']} steps "
         f"of {s['batch_size']} sentences for LoRA and full fine-tuning, {s['probe_steps']} "
