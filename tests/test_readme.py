@@ -28,7 +28,11 @@ def test_fresh_machine_commands():
 
 
 def test_results_markers_and_doc_links():
+    # the demo's figures are a generated block under ## Results (tests/test_readme_figures.py)
     text = README.read_text(encoding="utf-8")
-    assert text.index("<!-- results:begin -->") < text.index("<!-- results:end -->")
-    for link in re.findall(r"\]\(((?:docs|examples)/[^)#]+)\)", text):
-        assert (README.parent / link).is_file(), link
+    assert (text.index("## Results") < text.index("<!-- figures:demo begin -->")
+            < text.index("<!-- figures:demo end -->") < text.index("## Performance"))
+    links = re.findall(r"\]\(((?:docs|examples|benchmarks)/[^)#]+)\)", text)
+    assert any(link.startswith("benchmarks/results/") for link in links)
+    for link in links:
+        assert (README.parent / link).exists(), link

@@ -1,9 +1,9 @@
 """The BLAS under NumPy: its thread count, and GEMM with accumulation.
 
 Threads. NumPy's OpenBLAS uses every core by default, and its idle threads spin-wait between
-calls. On a quiet 2-core machine two threads are faster (the GPT-6x384 step: 847 ms with 2,
-1285 ms with 1); on a busy one a spinning thread fights other processes for its core and a
-step can get 3-6x slower, so there one thread wins. ``set_num_threads`` (or the environment
+calls. On a quiet machine more threads make the large GEMMs faster; on a busy one a spinning
+thread fights other processes for its core and a step can get much slower, so there one
+thread wins. ``set_num_threads`` (or the environment
 variable ``TINYLORA_NUM_THREADS``, or the commands' ``--threads``) picks the count; tinylora
 leaves the library's default (all cores) unless told otherwise.
 

@@ -46,9 +46,32 @@ def run(args) -> int:
     s.lora_r, s.lora_alpha = args.lora_r, args.lora_alpha
     rows = compare_finetuning(args.model, data=data, settings=s, methods=methods, out_dir=args.out,
                               log=None if args.json else print)
+    _save_metrics(args, s, data, rows)
     if args.json:
         print_json(rows)
     else:
         print()
         print(format_table(rows))
     return 0
+
+
+def _save_metrics(args, s, data, rows) -> None:
+    """<out>/metrics.json: the settings, the data's size, the machine and one row per method."""
+    import os
+    import platform
+    from dataclasses import asdict
+
+    from ..backend import np
+    from ..blas import blas_info
+    from ..io import save_json
+    os.makedirs(args.out, exist_ok=True)
+    save_json(os.path.join(args.out, "metrics.json"), {
+        "settings": {**asdict(s), "lora_targets": list(s.lora_targets)}, "quick": args.quick,
+        "model": args.model, "methods": [r["method"] for r in rows],
+        "data": {"train": len(data.train_texts), "test": len(data.test_texts),
+                 "classes": list(data.classes)},
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "python": platform.python_version(), "numpy": np.__version__,
+                    "blas": [{k: d[k] for k in ("internal_api", "version", "num_threads")}
+                             for d in blas_info()]},
+        "results": rows})
