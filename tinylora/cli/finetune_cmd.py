@@ -20,10 +20,13 @@ def register(sub, name, summary):
     src.add_argument("--base", help="base model: a tinylora checkpoint folder or run folder")
     src.add_argument("--pretrained",
                      help="base model: a Hugging Face GPT-2 folder (config.json, model.safetensors, "
-                          "vocab.json, merges.txt)")
+                          "vocab.json, merges.txt), or a Llama-family one (model_type llama or "
+                          "qwen2: config.json, model.safetensors or its shards, tokenizer.json)")
     p.add_argument("--data", required=True,
                    help="builtin:python, builtin:prose or a UTF-8 text file (a character-level "
-                        "base needs text in its vocabulary)")
+                        "base needs text in its vocabulary); for a Llama-family model also a "
+                        ".jsonl file of instruction records (prompt/response or messages; the "
+                        "loss is on the responses only)")
     add_out(p, "runs/finetune", "where the adapter (or, with --full, the checkpoint) is written")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--qlora", action="store_true", help="QLoRA: 4-bit NF4 base + LoRA adapters")
@@ -31,11 +34,18 @@ def register(sub, name, summary):
     p.add_argument("--lora-r", type=int, default=8, help="adapter rank r")
     p.add_argument("--lora-alpha", type=float, default=16, help="scale numerator: ΔW = (alpha/r)·B·A")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input")
-    p.add_argument("--target-modules", default="all-linear",
-                   help="comma-separated layer names (e.g. c_attn,c_proj) or all-linear")
+    p.add_argument("--target-modules", default=None,
+                   help="comma-separated layer names (e.g. c_attn,c_proj or q_proj,v_proj) or "
+                        "all-linear (default: all-linear; q_proj,v_proj for a Llama-family "
+                        "model, as PEFT picks)")
     p.add_argument("--max-iters", type=int, default=300, help="optimizer steps")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: 1e-3 with --full, else 3e-3)")
+                   help="peak learning rate (default: 1e-3 with --full, else 3e-3; for a "
+                        "Llama-family model 2e-5 with --full, else 2e-4)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="Llama-family models: tokens per training window, and the longest "
+                        "instruction record (default: 256, at most max_position_embeddings; a "
+                        "GPT uses its own block_size)")
     p.add_argument("--batch-size", type=int, default=12, help="sequences per step")
     p.add_argument("--eval-interval", type=int, default=50, help="steps between evaluations")
     p.add_argument("--eval-iters", type=int, default=10, help="batches per evaluation")
@@ -54,22 +64,40 @@ def _target_modules(text: str):
     return names
 
 
+def lora_config(args, default_targets: str):
+    """The LoraConfig of the --lora-* and --target-modules options."""
+    from .. import lora
+    return lora.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                           target_modules=_target_modules(args.target_modules or default_targets))
+
+
 def run(args) -> int:
     from .. import backend, lora
     from ..data import load_data
     from ..apps.finetune import finetune, load_base, load_pretrained, prepare, save_finetuned
+    from ..apps.llama import is_llama_folder
+    from ..models.llama import Llama
     from ..train import TrainConfig
 
     method = "full" if args.full else "qlora" if args.qlora else "lora"
+    if args.pretrained and is_llama_folder(args.pretrained):
+        from .llama import finetune_llama
+        return finetune_llama(args, method)
     if args.pretrained:
         model, tok, base = load_pretrained(args.pretrained)
     else:
         model, tok, base = load_base(args.base)
+    if isinstance(model, Llama):   # a toy Llama run (`tinylora train --arch llama`)
+        from .llama import finetune_llama
+        return finetune_llama(args, method, loaded=(model, tok, base))
+    if args.block_size is not None:
+        raise ValueError("--block-size is for Llama-family models; a GPT trains on its own "
+                         "block_size")
     data = load_data(args.data, tokenizer=tok, block_size=model.config.block_size)
     backend.manual_seed(args.seed)          # the adapters' initial values
     cfg = None if method == "full" else lora.LoraConfig(
         r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        target_modules=_target_modules(args.target_modules))
+        target_modules=_target_modules(args.target_modules or "all-linear"))
     info = prepare(model, method, cfg)
     train = TrainConfig(max_iters=args.max_iters, batch_size=args.batch_size,
                         lr=args.lr or _DEFAULT_LR[method], warmup_iters=max(1, args.max_iters // 10),
