@@ -27,7 +27,8 @@ from ..models.llama import MODEL_TYPES, Llama, LlamaConfig
 from ..tensor import no_grad
 from ..train import TrainConfig, Trainer
 
-__all__ = ["hf_model_type", "is_llama_folder", "load_llama_pretrained", "eos_token_ids",
+__all__ = ["hf_model_type", "is_llama_folder", "load_llama_pretrained", "need_tokenizer",
+           "eos_token_ids",
            "load_llama_data", "InstructionBatches", "instruction_loss", "save_llama_folder",
            "LLAMA_DEFAULTS", "train_llama", "checkpoint_model_type", "load_llama_checkpoint"]
 
@@ -51,20 +52,27 @@ def is_llama_folder(folder) -> bool:
 
 def load_llama_pretrained(folder):
     """``(model, tokenizer, folder)`` of a Hugging Face Llama/Qwen2 folder: config.json,
-    model.safetensors (or shards) and tokenizer.json."""
+    model.safetensors (or shards) and tokenizer.json (tokenizer None without one: merging
+    needs none; ``need_tokenizer`` says so where one is needed)."""
     from ..data.bpe import BPETokenizer
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"pretrained model folder {folder!r} does not exist")
-    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        raise FileNotFoundError(f"{folder}: tokenizer.json is missing; download it with the "
-                                "model (the Hub repo's tokenizer.json next to config.json)")
-    tok = BPETokenizer.from_pretrained(folder)
+    has_tok = os.path.isfile(os.path.join(folder, "tokenizer.json"))
+    tok = BPETokenizer.from_pretrained(folder) if has_tok else None
     model = Llama.from_hf(folder)
-    if tok.vocab_size > model.config.vocab_size:
+    if tok is not None and tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"{folder}: tokenizer.json has {tok.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size} embeddings; it belongs to another model")
     return model, tok, folder
+
+
+def need_tokenizer(tok, folder):
+    """``tok``, or a clear error when the folder came without tokenizer.json."""
+    if tok is None:
+        raise FileNotFoundError(f"{folder}: tokenizer.json is missing; download it with the "
+                                "model (the Hub repo's tokenizer.json next to config.json)")
+    return tok
 
 
 def eos_token_ids(folder):

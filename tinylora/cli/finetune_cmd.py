@@ -3,19 +3,22 @@ from __future__ import annotations
 
 import os
 
-from .common import add_command, add_json, add_out, print_json
+from .common import add_command, add_json, add_out, lora_config, print_json
 
 _DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3}
 
 
 def register(sub, name, summary):
     p = add_command(sub, name, summary,
-                    "Fine-tune a GPT on text. LoRA (the default) trains low-rank adapters on a "
-                    "frozen base and saves them in PEFT's layout (adapter_model.safetensors + "
-                    "adapter_config.json); --qlora first stores the frozen Linear weights in 4-bit "
-                    "NF4; --full trains every weight and saves a whole checkpoint. Use the result "
-                    "with `tinylora generate --adapter OUT` (or --checkpoint OUT for --full), "
-                    "or `tinylora merge`.")
+                    "Fine-tune a GPT, or a Llama-family model from a Hugging Face folder "
+                    "(Llama, SmolLM2, TinyLlama, Qwen2: config.json's model_type llama or "
+                    "qwen2), on text or, for a Llama, instruction records. LoRA (the default) "
+                    "trains low-rank adapters on a frozen base and saves them in PEFT's layout "
+                    "(adapter_model.safetensors + adapter_config.json); --qlora first stores the "
+                    "frozen Linear weights in 4-bit NF4; --full trains every weight and saves a "
+                    "whole checkpoint (a Hugging Face folder for a Llama-family base). Use the "
+                    "result with `tinylora generate --adapter OUT` (or --checkpoint OUT for "
+                    "--full; --pretrained OUT for a Llama's), or `tinylora merge`.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--base", help="base model: a tinylora checkpoint folder or run folder")
     src.add_argument("--pretrained",
@@ -55,24 +58,8 @@ def register(sub, name, summary):
     p.set_defaults(func=run)
 
 
-def _target_modules(text: str):
-    if text == "all-linear":
-        return text
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names:
-        raise ValueError("--target-modules is empty; give layer names such as c_attn,c_proj or all-linear")
-    return names
-
-
-def lora_config(args, default_targets: str):
-    """The LoraConfig of the --lora-* and --target-modules options."""
-    from .. import lora
-    return lora.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                           target_modules=_target_modules(args.target_modules or default_targets))
-
-
 def run(args) -> int:
-    from .. import backend, lora
+    from .. import backend
     from ..data import load_data
     from ..apps.finetune import finetune, load_base, load_pretrained, prepare, save_finetuned
     from ..apps.llama import is_llama_folder
@@ -95,9 +82,7 @@ def run(args) -> int:
                          "block_size")
     data = load_data(args.data, tokenizer=tok, block_size=model.config.block_size)
     backend.manual_seed(args.seed)          # the adapters' initial values
-    cfg = None if method == "full" else lora.LoraConfig(
-        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        target_modules=_target_modules(args.target_modules or "all-linear"))
+    cfg = None if method == "full" else lora_config(args, "all-linear")
     info = prepare(model, method, cfg)
     train = TrainConfig(max_iters=args.max_iters, batch_size=args.batch_size,
                         lr=args.lr or _DEFAULT_LR[method], warmup_iters=max(1, args.max_iters // 10),

@@ -43,7 +43,8 @@ def run(args) -> int:
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     from ..apps.finetune import load_base, load_finetuned
-    from ..apps.llama import checkpoint_model_type, eos_token_ids, load_llama_checkpoint
+    from ..apps.llama import (checkpoint_model_type, eos_token_ids, load_llama_checkpoint,
+                              need_tokenizer)
     from ..models.llama import Llama
 
     base = args.checkpoint or args.pretrained
@@ -61,6 +62,7 @@ def run(args) -> int:
     else:
         raise ValueError("give --checkpoint (a checkpoint or run folder), --pretrained (a "
                          "Hugging Face folder), or --adapter")
+    need_tokenizer(tok, folder)
     backend.manual_seed(args.seed)
     ids = np.asarray(tok.encode(args.prompt), dtype=np.int64)
     ids = np.tile(ids[None], (args.num_samples, 1))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from .common import print_json
+from .common import lora_config, print_json
 
 _DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
 DEFAULT_TARGETS = "q_proj,v_proj"     # what PEFT picks for llama and qwen2
@@ -27,12 +27,13 @@ def finetune_llama(args, method: str, loaded=None) -> int:
     checkpoint) of a toy Llama run (--base)."""
     from .. import backend
     from ..apps.finetune import finetune, finetune_instructions, prepare, save_finetuned
-    from ..apps.llama import load_llama_data, load_llama_pretrained, save_llama_folder
+    from ..apps.llama import (load_llama_data, load_llama_pretrained, need_tokenizer,
+                              save_llama_folder)
     from ..train import TrainConfig
-    from .finetune_cmd import lora_config
 
     model, tok, base = loaded or load_llama_pretrained(args.pretrained)
     hf = loaded is None
+    need_tokenizer(tok, base)
     block = block_size(args, model)
     data = load_llama_data(args.data, tok, block)
     backend.manual_seed(args.seed)          # the adapters' initial values
