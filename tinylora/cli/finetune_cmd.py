@@ -18,7 +18,9 @@ def register(sub, name, summary):
                     "frozen Linear weights in 4-bit NF4; --full trains every weight and saves a "
                     "whole checkpoint (a Hugging Face folder for a Llama-family base). Use the "
                     "result with `tinylora generate --adapter OUT` (or --checkpoint OUT for "
-                    "--full; --pretrained OUT for a Llama's), or `tinylora merge`.")
+                    "--full; --pretrained OUT for a Llama's), or `tinylora merge`. A Llama-family "
+                    "model trains with gradient checkpointing (each layer recomputed in the "
+                    "backward).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--base", help="base model: a tinylora checkpoint folder or run folder")
     src.add_argument("--pretrained",
