@@ -213,3 +213,31 @@ def test_train_n_kv_head_is_for_llama(tmp_path, capsys):
     code, _, err = cli(capsys, "train", "--data", "builtin:prose", "--n-kv-head", "2",
                        "--max-iters", "1", "--out", tmp_path / "g")
     assert code == 1 and "--n-kv-head is for --arch llama" in err
+
+
+def test_finetune_on_a_4bit_folder_is_qlora_without_quantizing_again(base, tmp_path, capsys):
+    """A folder saved 4-bit in bitsandbytes' layout (here written from tinylora's Linear4bit
+    state dict, which is that layout) trains LoRA on its 4-bit base; the adapter loads back
+    onto the folder as it is."""
+    from tinylora import quant
+    from tinylora.io import save_safetensors
+    q4 = tmp_path / "q4"
+    q4.mkdir()
+    m = Llama.from_hf(base)
+    quant.quantize_model(m, print_fn=None)
+    save_safetensors(q4 / "model.safetensors", {k: backend.to_numpy(v.data)
+                                                for k, v in m.state_dict().items()})
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                  "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+    (q4 / "config.json").write_text(json.dumps(cfg))
+    shutil.copy(TOKENIZER, q4 / "tokenizer.json")
+    s = cli_json(capsys, "finetune", "--pretrained", q4, "--data", "builtin:prose", "--max-iters", "2",
+                 "--batch-size", "2", "--block-size", "16", "--eval-iters", "1", "--lr", "1e-2",
+                 "--out", tmp_path / "ad")
+    assert s["method"] == "qlora"
+    model, _, _ = load_finetuned(tmp_path / "ad")
+    assert type(model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    code, _, err = cli(capsys, "finetune", "--pretrained", q4, "--data", "builtin:prose", "--full",
+                       "--out", tmp_path / "f")
+    assert code == 1 and "holds 4-bit weights" in err
