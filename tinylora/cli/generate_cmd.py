@@ -24,7 +24,8 @@ def register(sub, name, summary):
                           "its base")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT layout) to apply")
     p.add_argument("--prompt", default="\n", help="text to continue (characters of the model's vocabulary)")
-    p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate (characters for a character-level model)")
+    p.add_argument("--max-new-tokens", type=int, default=300,
+                   help="tokens to generate (characters for a character-level model)")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default: off)")

@@ -82,7 +82,8 @@ def run(args) -> int:
         raise ValueError("--data is required: builtin:prose, builtin:python or a text file")
     if _arch(args) == "llama":
         from ..apps.llama import train_llama
-        model, tok, result = train_llama(args.data, args.out, model_args=_llama_args(model_args, args),
+        model, tok, result = train_llama(args.data, args.out,
+                                         model_args=_llama_args(model_args, args),
                                          train_args=train_args, resume=args.resume)
     else:
         if args.n_kv_head is not None:
