@@ -22,7 +22,7 @@ TOKENIZER = FIXTURES / "llama" / "bpe" / "smollm.json"
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_cli_adapter_and_merged_folder_load_in_transformers(method, tmp_path):
+def test_cli_adapter_and_merged_folder_load_in_transformers(method, tmp_path, capsys):
     tok = BPETokenizer.from_file(TOKENIZER)
     tl.manual_seed(0)
     Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
@@ -47,6 +47,14 @@ def test_cli_adapter_and_merged_folder_load_in_transformers(method, tmp_path):
                                                                dtype=torch.float32).eval()
     with torch.no_grad():
         assert np.abs(numpy_of(merged(input_ids=x).logits) - want).max() < 1e-4
+        # greedy decoding of the merged folder: transformers' tokens are the CLI's
+        prompt = tok.encode("Say cat.")
+        theirs = merged.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=10,
+                                 min_new_tokens=10, pad_token_id=0)[0].tolist()
+    capsys.readouterr()
+    assert main(["generate", "--pretrained", str(tmp_path / "merged"), "--prompt", "Say cat.",
+                 "--temperature", "0", "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == tok.decode(theirs)
     if method == "lora":   # PEFT over transformers' float base: the adapter as trained
         base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base",
                                                                  dtype=torch.float32)
