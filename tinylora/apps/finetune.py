@@ -26,10 +26,12 @@ from ..lora.registry import registry as adapter_registry
 from ..checkpoint import load_gpt, resolve_checkpoint, save_gpt
 from ..io import load_json, save_json
 from ..train import TrainConfig, Trainer
+from .llama import (checkpoint_model_type, instruction_loss, is_llama_folder,
+                    load_llama_checkpoint, load_llama_pretrained)
 
 __all__ = ["METHODS", "FINETUNE_INFO", "load_base", "load_pretrained", "prepare", "finetune",
            "save_finetuned", "load_finetuned", "training_state_bytes", "is_adapter_dir",
-           "is_hf_gpt2_folder", "TimedTrainer"]
+           "is_hf_gpt2_folder", "TimedTrainer", "finetune_instructions"]
 
 METHODS = ("full", "lora", "qlora")
 FINETUNE_INFO = "tinylora_finetune.json"   # our side file in an adapter folder (PEFT ignores it)
@@ -46,10 +48,13 @@ def is_hf_gpt2_folder(path) -> bool:
 
 def load_pretrained(folder):
     """``(model, tokenizer, folder)`` of a Hugging Face GPT-2 folder: config.json,
-    model.safetensors, and the tokenizer's vocab.json + merges.txt."""
+    model.safetensors, and the tokenizer's vocab.json + merges.txt; or of a Llama-family
+    folder (model_type llama or qwen2; ``apps.llama.load_llama_pretrained``)."""
     from ..models.gpt import GPT
     from ..data.gpt2_bpe import GPT2Tokenizer
     folder = os.fspath(folder)
+    if is_llama_folder(folder):
+        return load_llama_pretrained(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"pretrained model folder {folder!r} does not exist")
     tok = GPT2Tokenizer.from_pretrained(folder)
@@ -67,6 +72,9 @@ def load_base(base):
         raise ValueError("no base model: give a checkpoint folder or run folder (--base)")
     if is_hf_gpt2_folder(base):
         return load_pretrained(base)
+    if checkpoint_model_type(base) == "Llama":   # a toy Llama trained by `tinylora train`
+        model, tok, _ = load_llama_checkpoint(base)
+        return model, tok, resolve_checkpoint(base)
     model, tok, _ = load_gpt(base)
     return model, tok, resolve_checkpoint(base)
 
@@ -160,6 +168,22 @@ def finetune(model, data, config: TrainConfig, *, out_dir=None, save_model=None)
             "val_after": evals[-1]["val_loss"] if evals else None,
             **trainer.step_times(result), "state_bytes": training_state_bytes(model),
             "curve": [(e["step"], e["val_loss"]) for e in evals], "evals": evals}
+
+
+def finetune_instructions(model, data, config: TrainConfig) -> dict:
+    """``finetune`` on instruction records (``apps.llama.InstructionBatches``): the same
+    report, with ``val_before`` / ``val_after`` the loss on the held-out records' responses
+    (on the training records when too few were held out; ``config.eval_interval`` is unused)."""
+    from dataclasses import replace
+    held_out = data.val or data.train
+    before = instruction_loss(model, held_out, config.batch_size)
+    trainer = TimedTrainer(model, data, replace(config, eval_interval=0, block_size=None))
+    result = trainer.train()
+    after = instruction_loss(model, held_out, config.batch_size)
+    return {"steps": result.step, "val_before": before, "val_after": after,
+            **trainer.step_times(result), "state_bytes": training_state_bytes(model),
+            "curve": [(0, before), (result.step, after)], "evals": [],
+            "val_on": "held-out records" if data.val else "training records"}
 
 
 def is_adapter_dir(path) -> bool:

@@ -54,3 +54,19 @@ def _jsonable(o):
     if hasattr(o, "item"):
         return o.item()
     return str(o)
+
+
+def _target_modules(text: str):
+    if text == "all-linear":
+        return text
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ValueError("--target-modules is empty; give layer names such as c_attn,c_proj or all-linear")
+    return names
+
+
+def lora_config(args, default_targets: str):
+    """The LoraConfig of the --lora-* and --target-modules options."""
+    from .. import lora
+    return lora.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                           target_modules=_target_modules(args.target_modules or default_targets))

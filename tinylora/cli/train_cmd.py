@@ -35,7 +35,13 @@ def register(sub, name, summary):
                     "Train a character-level GPT from scratch. Checkpoints go to OUT/checkpoints/ "
                     "(latest.json points at the newest), metrics to OUT/metrics.jsonl. --resume "
                     "continues the run in OUT exactly where its latest checkpoint left off. "
-                    "Built-in corpora: builtin:prose (English), builtin:python (Python source).")
+                    "Built-in corpora: builtin:prose (English), builtin:python (Python source). "
+                    "--arch llama trains a toy Llama instead (RMSNorm, rotary positions, SwiGLU, "
+                    "grouped-query attention, tied head; --n-embd is hidden_size, --block-size "
+                    "max_position_embeddings), character-level like the GPT; `tinylora "
+                    "generate --checkpoint OUT` samples from either.")
+    p.add_argument("--arch", choices=["gpt", "llama"], default=None,
+                   help="model architecture (default: gpt; on --resume: the run's)")
     from ..train import GPT_DEFAULTS, TrainConfig
     p.add_argument("--data", default=None,
                    help="required (except with --resume, which uses the run's): builtin:prose, "
@@ -48,6 +54,9 @@ def register(sub, name, summary):
         shown = "lr/10" if field == "min_lr" else shown
         p.add_argument(flag, type=tp, default=None,
                        help=f"{text} (default: {shown}; on --resume: the run's)")
+    p.add_argument("--n-kv-head", type=int, default=None,
+                   help="--arch llama: key/value heads, each shared by n-head / n-kv-head query "
+                        "heads (default: 2; on --resume: the run's)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip steps whose loss or gradient is NaN/Inf instead of stopping")
@@ -71,8 +80,16 @@ def run(args) -> int:
         train_args["progress"] = False
     if args.data is None and not args.resume:
         raise ValueError("--data is required: builtin:prose, builtin:python or a text file")
-    model, tok, result = train_gpt(args.data, args.out, model_args=model_args,
-                                   train_args=train_args, resume=args.resume)
+    if _arch(args) == "llama":
+        from ..apps.llama import train_llama
+        model, tok, result = train_llama(args.data, args.out,
+                                         model_args=_llama_args(model_args, args),
+                                         train_args=train_args, resume=args.resume)
+    else:
+        if args.n_kv_head is not None:
+            raise ValueError("--n-kv-head is for --arch llama (a GPT has one K/V head per head)")
+        model, tok, result = train_gpt(args.data, args.out, model_args=model_args,
+                                       train_args=train_args, resume=args.resume)
     summary = {"steps": result.step, "start_step": result.start_step, "params": model.num_parameters(),
                "vocab_size": tok.vocab_size, "skipped_steps": result.skipped,
                "first_eval": result.evals[0] if result.evals else None,
@@ -96,3 +113,27 @@ def run(args) -> int:
         print(f"checkpoint: {result.checkpoint}")
         print(f"try: tinylora generate --checkpoint {args.out} --prompt 'The '")
     return 0
+
+
+_LLAMA_NAMES = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+                "n_embd": "hidden_size", "block_size": "max_position_embeddings",
+                "dropout": "attention_dropout"}
+
+
+def _arch(args) -> str:
+    """--arch, or on --resume the architecture of the run in --out (which it must match)."""
+    if not args.resume:
+        return args.arch or "gpt"
+    from ..apps.llama import checkpoint_model_type
+    saved = {"GPT": "gpt", "Llama": "llama"}.get(checkpoint_model_type(args.out))
+    if args.arch is not None and saved is not None and args.arch != saved:
+        raise ValueError(f"the run in {args.out} trains a {saved}, not a {args.arch}; leave out "
+                         "--arch, or start a new run in another --out folder")
+    return saved or args.arch or "gpt"
+
+
+def _llama_args(model_args: dict, args) -> dict:
+    out = {_LLAMA_NAMES[k]: v for k, v in model_args.items()}
+    if args.n_kv_head is not None:
+        out["num_key_value_heads"] = args.n_kv_head
+    return out
