@@ -100,7 +100,7 @@ def register(sub, name, summary):
                         help="show full tracebacks on errors")
         add_args(tp)
         add_json(tp)
-        tp.set_defaults(func=run)
+        tp.set_defaults(func=run, _parser=tp)
 
 
 def run(args) -> int:

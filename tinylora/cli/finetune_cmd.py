@@ -15,15 +15,21 @@ def register(sub, name, summary):
                     "adapter_config.json); --qlora first stores the frozen Linear weights in 4-bit "
                     "NF4; --full trains every weight and saves a whole checkpoint. Use the result "
                     "with `tinylora generate --adapter OUT` (or --checkpoint OUT for --full), "
-                    "or `tinylora merge`.")
-    src = p.add_mutually_exclusive_group(required=True)
+                    "or `tinylora merge`. Checkpoints (the adapter, or every weight with --full, "
+                    "with the optimizer and trainer state) go to OUT/checkpoints/ as it trains; "
+                    "Ctrl-C saves one, and --resume continues the run in OUT exactly.")
+    src = p.add_mutually_exclusive_group()    # one of them: required, except with --resume
     src.add_argument("--base", help="base model: a tinylora checkpoint folder or run folder")
     src.add_argument("--pretrained",
                      help="base model: a Hugging Face GPT-2 folder (config.json, model.safetensors, "
                           "vocab.json, merges.txt)")
-    p.add_argument("--data", required=True,
-                   help="builtin:python, builtin:prose or a UTF-8 text file (a character-level "
-                        "base needs text in its vocabulary)")
+    p.add_argument("--data", default=None,
+                   help="required (except with --resume, which uses the run's): builtin:python, "
+                        "builtin:prose or a UTF-8 text file (a character-level base needs text "
+                        "in its vocabulary)")
+    p.add_argument("--ascii", dest="normalize_ascii", action="store_true",
+                   help="fold the text to the built-in vocabulary first (typographic quotes and "
+                        "dashes to ASCII, accents stripped, other characters dropped)")
     add_out(p, "runs/finetune", "where the adapter (or, with --full, the checkpoint) is written")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--qlora", action="store_true", help="QLoRA: 4-bit NF4 base + LoRA adapters")
@@ -40,9 +46,67 @@ def register(sub, name, summary):
     p.add_argument("--eval-interval", type=int, default=50, help="steps between evaluations")
     p.add_argument("--eval-iters", type=int, default=10, help="batches per evaluation")
     p.add_argument("--seed", type=int, default=0, help="random seed (adapter init, data order, dropout)")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip steps whose loss or gradient is NaN/Inf instead of stopping")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted fine-tune in --out with its own settings")
+    p.add_argument("--no-check-base", dest="check_base", action="store_false",
+                   help="with --resume: accept a checkpoint whose adapter was saved from a "
+                        "different base model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, resume_hint="tinylora finetune --out {out} --resume")
+
+
+# options that are not part of the run itself: how this call prints, where and whether it resumes
+_NOT_SAVED = {"func", "command", "out", "out_what", "resume", "resume_hint", "json", "no_progress",
+              "debug", "debug_cmd", "threads", "check_base", "skip_nonfinite", "setting_flags"}
+
+
+def _run_options(args) -> dict:
+    """The options that define the fine-tune, as saved in each checkpoint's config.json
+    (paths made absolute, so that --resume works from any folder)."""
+    return {k: _absolute(v) for k, v in vars(args).items()
+            if k not in _NOT_SAVED and not k.startswith("_")}
+
+
+def _absolute(v):
+    return os.path.abspath(v) if isinstance(v, str) and os.path.exists(v) else v
+
+
+def _resume_options(args, parser_defaults: dict):
+    """On --resume: the run's saved options put into ``args`` (an option given with another
+    value than the run's is an error), or None when the run in --out is already finished."""
+    from ..checkpoint import resolve_checkpoint
+    from ..io import load_json
+
+    out = args.out
+    done = os.path.join(out, "config.json")      # a finished --full run: OUT is its checkpoint
+    if not os.path.isfile(os.path.join(out, "latest.json")):
+        info = load_json(done).get("finetune") if os.path.isfile(done) else None
+        if isinstance(info, dict):
+            return None, info.get("steps")
+        raise FileNotFoundError(f"nothing to resume in {out!r}: it has no latest.json (no "
+                                "checkpoint of a fine-tune); start one with --base or --pretrained")
+    folder = resolve_checkpoint(out)
+    saved = load_json(os.path.join(folder, "config.json")).get("finetune_args")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{folder} is not a checkpoint of `tinylora finetune` (its config.json "
+                         "has no finetune_args); resume a `tinylora train` run with train --resume")
+    for k, v in saved.items():
+        given = getattr(args, k, None)
+        if given != parser_defaults.get(k) and _absolute(given) != v:
+            flag = "--" + ("ascii" if k == "normalize_ascii" else k.replace("_", "-"))
+            used = "its default" if v is None else repr(v)
+            raise ValueError(f"cannot change {flag} when resuming (the run in {out} used "
+                             f"{used}); --resume continues the run as it was started")
+        setattr(args, k, v)
+    step = load_json(os.path.join(folder, "trainer_state.json")).get("step")
+    finished = step is not None and step >= args.max_iters
+    from ..apps.finetune import is_adapter_dir
+    if finished and (is_adapter_dir(out) or os.path.isfile(done)):
+        return None, step
+    return args, step
 
 
 def _target_modules(text: str):
@@ -57,15 +121,29 @@ def _target_modules(text: str):
 def run(args) -> int:
     from .. import backend, lora
     from ..data import load_data
-    from ..apps.finetune import finetune, load_base, load_pretrained, prepare, save_finetuned
+    from ..apps.finetune import (adapter_checkpoints, finetune, load_base, load_pretrained,
+                                 prepare, save_finetuned)
     from ..train import TrainConfig
 
+    if args.resume:
+        defaults = {a.dest: a.default for a in args._parser._actions}
+        resumed, step = _resume_options(args, defaults)
+        if resumed is None:
+            print(f"the fine-tune in {args.out} is already finished (step {step}); nothing to do"
+                  " — start a new one in another --out to train further")
+            return 0
+    elif not (args.base or args.pretrained):
+        raise ValueError("give the base model: --base (a tinylora checkpoint or run folder) "
+                         "or --pretrained (a Hugging Face GPT-2 folder)")
+    elif args.data is None:
+        raise ValueError("--data is required: builtin:python, builtin:prose or a text file")
     method = "full" if args.full else "qlora" if args.qlora else "lora"
     if args.pretrained:
         model, tok, base = load_pretrained(args.pretrained)
     else:
         model, tok, base = load_base(args.base)
-    data = load_data(args.data, tokenizer=tok, block_size=model.config.block_size)
+    data = load_data(args.data, tokenizer=tok, block_size=model.config.block_size,
+                     fold_ascii=args.normalize_ascii)
     backend.manual_seed(args.seed)          # the adapters' initial values
     cfg = None if method == "full" else lora.LoraConfig(
         r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -75,8 +153,12 @@ def run(args) -> int:
                         lr=args.lr or _DEFAULT_LR[method], warmup_iters=max(1, args.max_iters // 10),
                         weight_decay=0.0, eval_interval=args.eval_interval,
                         eval_iters=args.eval_iters, seed=args.seed,
+                        skip_nonfinite=args.skip_nonfinite,
                         progress=not (args.no_progress or args.json))
-    res = finetune(model, data, train)
+    # OUT is the run folder: checkpoints (only the adapter for LoRA / QLoRA) and metrics.jsonl
+    ckpt = {} if method == "full" else adapter_checkpoints(check_base=args.check_base)
+    res = finetune(model, data, train, out_dir=args.out, resume=args.resume,
+                   run_config={"finetune_args": _run_options(args)}, **ckpt)
     weights = save_finetuned(model, tok, method, args.out, base=args.base or args.pretrained,
                              extra={"data": args.data, "steps": res["steps"],
                                     "val_loss": res["val_after"], "lr": train.lr, "seed": args.seed})

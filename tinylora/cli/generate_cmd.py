@@ -13,6 +13,8 @@ def register(sub, name, summary):
     p.add_argument("--checkpoint", default=None,
                    help="run folder (uses latest.json) or checkpoint folder; with --adapter, its base")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT layout) to apply")
+    p.add_argument("--no-check-base", dest="check_base", action="store_false",
+                   help="apply the adapter even if it was saved from a different base model")
     p.add_argument("--prompt", default="\n", help="text to continue (characters of the model's vocabulary)")
     p.add_argument("--max-new-tokens", type=int, default=300, help="characters to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (0 = greedy)")
@@ -20,7 +22,7 @@ def register(sub, name, summary):
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default: off)")
     p.add_argument("--num-samples", type=int, default=1, help="independent continuations")
     add_seed(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, setting_flags={"base": "--checkpoint"})   # the adapter's base
 
 
 def run(args) -> int:
@@ -34,7 +36,7 @@ def run(args) -> int:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.adapter:
         from ..apps.finetune import load_finetuned
-        model, tok, _ = load_finetuned(args.adapter, args.checkpoint)
+        model, tok, _ = load_finetuned(args.adapter, args.checkpoint, check_base=args.check_base)
     elif args.checkpoint:
         model, tok, _ = load_gpt(args.checkpoint)
     else:

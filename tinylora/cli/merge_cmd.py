@@ -19,6 +19,8 @@ def register(sub, name, summary):
     p.add_argument("--base", default=None,
                    help="base checkpoint (default: the one the adapter names in "
                         "adapter_config.json's base_model_name_or_path)")
+    p.add_argument("--no-check-base", dest="check_base", action="store_false",
+                   help="merge even if the adapter was saved from a different base model")
     p.add_argument("--out", default=None, help="merged checkpoint folder (default: ADAPTER-merged)")
     p.add_argument("--hf-out", default=None, metavar="DIR",
                    help="also write the merged model as a Hugging Face GPT-2 folder (config.json, "
@@ -36,7 +38,7 @@ def run(args) -> int:
     from ..tensor import no_grad
 
     out = args.out or os.path.normpath(args.adapter) + "-merged"
-    model, tok, info = load_finetuned(args.adapter, args.base)
+    model, tok, info = load_finetuned(args.adapter, args.base, check_base=args.check_base)
     # a fixed probe batch: the merged model must give the adapted model's logits
     cfg = model.config
     probe = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, min(cfg.block_size, 16)))
