@@ -13,7 +13,8 @@ command line, which knows its own flags, shows the flag instead::
 
 ``setting`` names the argument (the CLI finds the option that sets it; see
 ``tinylora.cli.hints``); ``python`` is the exact text of the message to replace; ``cli`` is
-its replacement, with ``{flag}`` for the option.
+its replacement, with ``{flag}`` for the option; ``otherwise`` replaces it in a command that
+has no such option.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class Fix:
     setting: str       # the argument or config field that fixes it, e.g. "check_base"
     python: str        # its wording in the message, e.g. "pass check_base=False"
     cli: str = "{flag}"  # the command line's wording; {flag} is the option, e.g. "pass {flag}"
+    otherwise: str | None = None  # the wording for a command without such an option (None: keep)
 
 
 def hinted(exc: BaseException, *fixes: Fix) -> BaseException:

@@ -84,4 +84,6 @@ def error_line(exc: BaseException, parser=None) -> str:
         flag = flag_for(parser, fix.setting)
         if flag is not None:
             msg = msg.replace(fix.python, fix.cli.format(flag=flag))
+        elif fix.otherwise is not None:
+            msg = msg.replace(fix.python, fix.otherwise)
     return msg

@@ -264,8 +264,11 @@ def load_data(spec: str, *, tokenizer: CharTokenizer | None = None, block_size: 
     if block_size is not None:
         for split, arr in (("training", train), ("validation", val)):
             if len(arr) < block_size + 1:
-                raise ValueError(f"data {spec!r} is too short: its {split} split has {len(arr)} "
-                                 f"tokens but block_size + 1 = {block_size + 1} are needed; use a "
-                                 "smaller --block-size or a longer text")
+                raise hinted(ValueError(
+                    f"data {spec!r} is too short: its {split} split has {len(arr)} tokens but a "
+                    f"block of {block_size} needs {block_size + 1}; use a smaller block_size or "
+                    "a longer text"),
+                    Fix("block_size", "a smaller block_size or a longer", "a smaller {flag} or a "
+                        "longer", otherwise="a longer"))
     sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
     return TextData(spec, sha, tok, train, val)
