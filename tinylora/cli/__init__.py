@@ -26,7 +26,7 @@ _COMMANDS = [
     ("merge", "merge an adapter into its base: a plain checkpoint"),
     ("adapters", "list adapter folders, or inspect one"),
     ("generate", "sample text from a GPT, optionally with an adapter"),
-    ("bench", "benchmark figures (ms/step, tokens/s, memory) as JSON"),
+    ("bench", "benchmark figures (ms/step, tokens/s, memory): a table, or JSON with --json"),
     ("embed", "sentence embeddings with all-MiniLM-L6-v2"),
     ("classify", "fine-tune MiniLM on a built-in task: probe vs LoRA vs full"),
 ]
