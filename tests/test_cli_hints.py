@@ -10,7 +10,7 @@ from tinylora.cli import build_parser, main
 from tinylora.train import Trainer
 
 PYTHON_WORDS = ("check_base", "skip_nonfinite", "TrainConfig", "normalize_ascii", "base=",
-                "block_size")
+                "smaller block_size")
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
         "--eval-iters", "1", "--batch-size", "2", "--no-progress"]
 

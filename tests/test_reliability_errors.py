@@ -285,7 +285,7 @@ def test_truncated_or_corrupted_weights_name_the_file(tmp_path, run_dir, damage,
 @pytest.mark.parametrize("content,words", [
     (b"", "is empty; it needs some text"),
     (b"  \n\t\n", "is empty"),
-    (b"tiny", "is too short: its training split has 4 tokens but a block of 8 needs 9"),
+    (b"tiny", "is too short: its training split has 4 tokens but block_size + 1 = 9"),
     (b"caf\xe9 au lait " * 9, "is not UTF-8 text (byte 0xe9 at offset 3, line 1); convert it"),
 ])
 def test_bad_training_files(tmp_path, content, words):

@@ -265,8 +265,8 @@ def load_data(spec: str, *, tokenizer: CharTokenizer | None = None, block_size: 
         for split, arr in (("training", train), ("validation", val)):
             if len(arr) < block_size + 1:
                 raise hinted(ValueError(
-                    f"data {spec!r} is too short: its {split} split has {len(arr)} tokens but a "
-                    f"block of {block_size} needs {block_size + 1}; use a smaller block_size or "
+                    f"data {spec!r} is too short: its {split} split has {len(arr)} tokens but "
+                    f"block_size + 1 = {block_size + 1} are needed; use a smaller block_size or "
                     "a longer text"),
                     Fix("block_size", "a smaller block_size or a longer", "a smaller {flag} or a "
                         "longer", otherwise="a longer"))
