@@ -122,3 +122,15 @@ def test_resume_refuses_changed_settings_and_an_empty_folder(base, tmp_path, cap
     assert main(["finetune", "--data", "builtin:python", "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--base" in err and "--pretrained" in err
+
+
+def test_a_new_finetune_in_the_same_folder_starts_a_new_run(base, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["finetune", "--base", str(base), "--data", "builtin:python", "--eval-interval", "2",
+            "--eval-iters", "1", "--batch-size", "2", "--no-progress", "--out", str(run)]
+    assert main(argv + ["--max-iters", "6"]) == 0
+    assert main(argv + ["--max-iters", "4"]) == 0
+    steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl")]
+    assert max(steps) == 4 and steps == sorted(steps)          # no lines of the first run
+    assert sorted(os.listdir(run / "checkpoints")) == ["step-0000002", "step-0000004"]
+    assert json.loads((run / "latest.json").read_text())["step"] == 4

@@ -74,6 +74,16 @@ def _absolute(v):
     return os.path.abspath(v) if isinstance(v, str) and os.path.exists(v) else v
 
 
+def _clear_run(out) -> None:
+    """A new fine-tune in OUT starts a new run: the checkpoints, latest.json and metrics of
+    an earlier one there go (its final adapter or checkpoint is overwritten at the end)."""
+    import shutil
+    for name in ("latest.json", "metrics.jsonl"):
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
+
+
 def _resume_options(args, parser_defaults: dict):
     """On --resume: the run's saved options put into ``args`` (an option given with another
     value than the run's is an error), or None when the run in --out is already finished."""
@@ -157,6 +167,8 @@ def run(args) -> int:
                         progress=not (args.no_progress or args.json))
     # OUT is the run folder: checkpoints (only the adapter for LoRA / QLoRA) and metrics.jsonl
     ckpt = {} if method == "full" else adapter_checkpoints(check_base=args.check_base)
+    if not args.resume:
+        _clear_run(args.out)
     res = finetune(model, data, train, out_dir=args.out, resume=args.resume,
                    run_config={"finetune_args": _run_options(args)}, **ckpt)
     weights = save_finetuned(model, tok, method, args.out, base=args.base or args.pretrained,
