@@ -134,3 +134,28 @@ def test_a_new_finetune_in_the_same_folder_starts_a_new_run(base, tmp_path, caps
     assert max(steps) == 4 and steps == sorted(steps)          # no lines of the first run
     assert sorted(os.listdir(run / "checkpoints")) == ["step-0000002", "step-0000004"]
     assert json.loads((run / "latest.json").read_text())["step"] == 4
+
+
+def test_resume_a_full_finetune_over_an_earlier_result(base, tmp_path, capsys, monkeypatch):
+    """OUT already holds a finished --full checkpoint (its config.json); a new run there is
+    interrupted (a real SIGINT, sent by the process to itself) and resumed from latest.json."""
+    from tinylora.train import Trainer
+    run = tmp_path / "run"
+    argv = ["finetune", "--base", str(base), "--data", "builtin:python", "--full",
+            "--eval-interval", "2", "--eval-iters", "1", "--batch-size", "2", "--no-progress",
+            "--out", str(run)]
+    assert main(argv + ["--max-iters", "2"]) == 0
+    real = Trainer._accumulate
+
+    def interrupt_at_step_3(self):
+        if self.step + 1 == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self)
+    monkeypatch.setattr(Trainer, "_accumulate", interrupt_at_step_3)
+    capsys.readouterr()
+    assert main(argv + ["--max-iters", "6", "--seed", "1"]) == 130
+    assert "after step 3; checkpoint saved to" in capsys.readouterr().err
+    monkeypatch.setattr(Trainer, "_accumulate", real)
+    assert main(["finetune", "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert "6 steps" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["finetune"]["steps"] == 6

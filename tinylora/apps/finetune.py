@@ -166,12 +166,12 @@ def adapter_checkpoints(check_base: bool = True) -> dict:
 
 
 def finetune(model, data, config: TrainConfig, *, out_dir=None, save_model=None,
-             load_model=None, run_config: dict | None = None, resume: bool = False) -> dict:
+             load_model=None, run_config: dict | None = None, resume=False) -> dict:
     """Train the prepared ``model`` on ``data`` (a TextData) and report.
 
     out_dir: a run folder for checkpoints and metrics.jsonl (see tinylora.train); then
     Ctrl-C saves a checkpoint and raises train.TrainingInterrupted, and ``resume=True``
-    continues from the latest one exactly. save_model / load_model: how a checkpoint's
+    continues from the latest one exactly (or ``resume=FOLDER`` from that checkpoint). save_model / load_model: how a checkpoint's
     weights are written and read (default every weight; ``adapter_checkpoints()`` for LoRA).
     run_config: extra JSON for each checkpoint's config.json.
 
@@ -182,7 +182,7 @@ def finetune(model, data, config: TrainConfig, *, out_dir=None, save_model=None,
     trainer = TimedTrainer(model, data, config, out_dir, save_model=save_model,
                            load_model=load_model, run_config=run_config)
     if resume:
-        trainer.resume()
+        trainer.resume(None if resume is True else resume)
     result = trainer.train()
     evals = result.evals
     return {"steps": result.step, "start_step": result.start_step,

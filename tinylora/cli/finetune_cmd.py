@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .common import add_command, add_json, add_out, print_json
+from .common import add_command, add_json, add_out, flag_for, print_json
 
 _DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3}
 
@@ -85,10 +85,11 @@ def _clear_run(out) -> None:
 
 
 def _resume_options(args, parser_defaults: dict):
-    """On --resume: the run's saved options put into ``args`` (an option given with another
-    value than the run's is an error), or None when the run in --out is already finished."""
+    """On --resume: ``(args, checkpoint)`` with the run's saved options put into ``args`` (an
+    option given with another value than the run's is an error), or ``(None, step)`` when the
+    run in --out is already finished."""
     from ..checkpoint import resolve_checkpoint
-    from ..io import load_json
+    from ..io import FormatError, load_json
 
     out = args.out
     done = os.path.join(out, "config.json")      # a finished --full run: OUT is its checkpoint
@@ -98,7 +99,11 @@ def _resume_options(args, parser_defaults: dict):
             return None, info.get("steps")
         raise FileNotFoundError(f"nothing to resume in {out!r}: it has no latest.json (no "
                                 "checkpoint of a fine-tune); start one with --base or --pretrained")
-    folder = resolve_checkpoint(out)
+    rel = load_json(os.path.join(out, "latest.json"))   # not OUT/config.json: an earlier --full result
+    if not isinstance(rel, dict) or not isinstance(rel.get("checkpoint"), str):
+        raise FormatError(f"{os.path.join(out, 'latest.json')}: expected {{\"checkpoint\": "
+                          "\"checkpoints/step-...\", \"step\": N}")
+    folder = resolve_checkpoint(os.path.join(out, rel["checkpoint"]))
     saved = load_json(os.path.join(folder, "config.json")).get("finetune_args")
     if not isinstance(saved, dict):
         raise ValueError(f"{folder} is not a checkpoint of `tinylora finetune` (its config.json "
@@ -106,7 +111,7 @@ def _resume_options(args, parser_defaults: dict):
     for k, v in saved.items():
         given = getattr(args, k, None)
         if given != parser_defaults.get(k) and _absolute(given) != v:
-            flag = "--" + ("ascii" if k == "normalize_ascii" else k.replace("_", "-"))
+            flag = flag_for(args._parser, k) or k
             used = "its default" if v is None else repr(v)
             raise ValueError(f"cannot change {flag} when resuming (the run in {out} used "
                              f"{used}); --resume continues the run as it was started")
@@ -116,7 +121,7 @@ def _resume_options(args, parser_defaults: dict):
     from ..apps.finetune import is_adapter_dir
     if finished and (is_adapter_dir(out) or os.path.isfile(done)):
         return None, step
-    return args, step
+    return args, folder
 
 
 def _target_modules(text: str):
@@ -135,11 +140,12 @@ def run(args) -> int:
                                  prepare, save_finetuned)
     from ..train import TrainConfig
 
+    where = False                               # with --resume: the checkpoint to continue from
     if args.resume:
         defaults = {a.dest: a.default for a in args._parser._actions}
-        resumed, step = _resume_options(args, defaults)
+        resumed, where = _resume_options(args, defaults)
         if resumed is None:
-            print(f"the fine-tune in {args.out} is already finished (step {step}); nothing to do"
+            print(f"the fine-tune in {args.out} is already finished (step {where}); nothing to do"
                   " — start a new one in another --out to train further")
             return 0
     elif not (args.base or args.pretrained):
@@ -169,7 +175,7 @@ def run(args) -> int:
     ckpt = {} if method == "full" else adapter_checkpoints(check_base=args.check_base)
     if not args.resume:
         _clear_run(args.out)
-    res = finetune(model, data, train, out_dir=args.out, resume=args.resume,
+    res = finetune(model, data, train, out_dir=args.out, resume=where,
                    run_config={"finetune_args": _run_options(args)}, **ckpt)
     weights = save_finetuned(model, tok, method, args.out, base=args.base or args.pretrained,
                              extra={"data": args.data, "steps": res["steps"],
