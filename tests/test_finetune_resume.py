@@ -116,6 +116,15 @@ def test_resume_refuses_changed_settings_and_an_empty_folder(base, tmp_path, cap
     assert main(["finetune", "--out", str(run), "--resume", "--no-progress"]) == 0  # saves it
     assert (run / "adapter_model.safetensors").is_file()
     capsys.readouterr()
+    assert main(["finetune", "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert "already finished (step 4)" in capsys.readouterr().out
+    assert main(["finetune", "--out", str(run), "--resume", "--max-iters", "6", "--lr", "1e-3",
+                 "--no-progress", "--json"]) == 0                  # more steps, a lower lr
+    res = json.loads(capsys.readouterr().out)
+    assert res["steps"] == 6 and json.loads((run / "latest.json").read_text())["step"] == 6
+    cfg = json.loads((run / "checkpoints" / "step-0000006" / "config.json").read_text())
+    assert cfg["finetune_args"]["max_iters"] == 6 and cfg["finetune_args"]["lr"] == 1e-3
+    capsys.readouterr()
     assert main(["finetune", "--out", str(tmp_path / "empty"), "--resume"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nothing to resume" in err

@@ -49,7 +49,8 @@ def register(sub, name, summary):
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip steps whose loss or gradient is NaN/Inf instead of stopping")
     p.add_argument("--resume", action="store_true",
-                   help="continue the interrupted fine-tune in --out with its own settings")
+                   help="continue the fine-tune in --out with its own settings (--max-iters, "
+                        "--lr, --batch-size, --eval-interval and --eval-iters may change)")
     p.add_argument("--no-check-base", dest="check_base", action="store_false",
                    help="with --resume: accept a checkpoint whose adapter was saved from a "
                         "different base model")
@@ -58,6 +59,8 @@ def register(sub, name, summary):
     p.set_defaults(func=run, resume_hint="tinylora finetune --out {out} --resume")
 
 
+# options a --resume may change: how the training goes on (the model, data and seed stay the run's)
+_CHANGEABLE = {"max_iters", "lr", "batch_size", "eval_interval", "eval_iters"}
 # options that are not part of the run itself: how this call prints, where and whether it resumes
 _NOT_SAVED = {"func", "command", "out", "out_what", "resume", "resume_hint", "json", "no_progress",
               "debug", "debug_cmd", "threads", "check_base", "skip_nonfinite", "setting_flags"}
@@ -110,11 +113,14 @@ def _resume_options(args, parser_defaults: dict):
                          "has no finetune_args); resume a `tinylora train` run with train --resume")
     for k, v in saved.items():
         given = getattr(args, k, None)
+        if given != parser_defaults.get(k) and k in _CHANGEABLE:
+            continue                                # e.g. a lower --lr after a NaN, more steps
         if given != parser_defaults.get(k) and _absolute(given) != v:
             flag = flag_for(args._parser, k) or k
             used = "its default" if v is None else repr(v)
             raise ValueError(f"cannot change {flag} when resuming (the run in {out} used "
-                             f"{used}); --resume continues the run as it was started")
+                             f"{used}); --resume continues the run with its own model, data and "
+                             "seed")
         setattr(args, k, v)
     step = load_json(os.path.join(folder, "trainer_state.json")).get("step")
     finished = step is not None and step >= args.max_iters
@@ -146,7 +152,7 @@ def run(args) -> int:
         resumed, where = _resume_options(args, defaults)
         if resumed is None:
             print(f"the fine-tune in {args.out} is already finished (step {where}); nothing to do"
-                  " — start a new one in another --out to train further")
+                  " — give a larger --max-iters to train further")
             return 0
     elif not (args.base or args.pretrained):
         raise ValueError("give the base model: --base (a tinylora checkpoint or run folder) "
