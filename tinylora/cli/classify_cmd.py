@@ -45,15 +45,15 @@ def run(args) -> int:
     if args.steps is not None:
         s.steps = args.steps
     s.lora_r, s.lora_alpha = args.lora_r, args.lora_alpha
-    rows = compare_finetuning(args.model, data=data, settings=s, methods=methods, out_dir=args.out,
-                              log=None if args.json else print,
-                              progress=not (args.no_progress or args.json))
+    bars = not (args.no_progress or args.json)     # progress bars on stderr
+    rows = compare_finetuning(args.model, data=data, settings=s, methods=methods, progress=bars, out_dir=args.out,
+                              log=None if args.json else print)
     if args.json:
         print_json(rows)     # the LoRA row's adapter_dir says where its adapter is
-        return 0
-    print()
-    print(format_table(rows))
-    for r in rows:
-        if r.get("adapter_dir"):
-            print(f"\nLoRA adapter (PEFT layout) saved to {r['adapter_dir']}")
+    else:
+        print()
+        print(format_table(rows))
+        for r in rows:
+            if r.get("adapter_dir"):
+                print(f"\nLoRA adapter (PEFT layout) saved to {r['adapter_dir']}")
     return 0
