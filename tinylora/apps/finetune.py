@@ -171,9 +171,10 @@ def finetune(model, data, config: TrainConfig, *, out_dir=None, save_model=None,
 
     out_dir: a run folder for checkpoints and metrics.jsonl (see tinylora.train); then
     Ctrl-C saves a checkpoint and raises train.TrainingInterrupted, and ``resume=True``
-    continues from the latest one exactly (or ``resume=FOLDER`` from that checkpoint). save_model / load_model: how a checkpoint's
-    weights are written and read (default every weight; ``adapter_checkpoints()`` for LoRA).
-    run_config: extra JSON for each checkpoint's config.json.
+    continues from the latest one exactly (``resume=FOLDER``: from that checkpoint).
+    save_model / load_model: how a checkpoint's weights are written and read (default every
+    weight; ``adapter_checkpoints()`` for LoRA). run_config: extra JSON for each checkpoint's
+    config.json.
 
     Returns ``{"steps", "start_step", "val_before", "val_after", "train_seconds",
     "eval_seconds", "ms_per_step", "cpu_ms_per_step", "state_bytes", "curve": [(step,
