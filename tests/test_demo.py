@@ -48,6 +48,18 @@ def test_files_are_where_the_report_says(demo):
         assert word in text
 
 
+def test_the_output_list_names_everything_written_and_why_an_svg_is_missing(demo):
+    out, res, _ = demo
+    listing = format_report(res).split("\noutput: ")[1]
+    for entry in os.listdir(out):                   # base/ included
+        name = entry + "/" if (out / entry).is_dir() else entry
+        assert f" {name}" in listing, name
+    has_svg = (out / "lora_layer_graph.svg").is_file()
+    assert ("no .svg (Graphviz's `dot` is not installed" in listing) != has_svg
+    without = {**res, "files": {**res["files"], "graph": ["lora_layer_graph.dot"]}}
+    assert "no .svg (Graphviz's `dot` is not installed" in format_report(without)
+
+
 def test_a_matching_base_is_reused_and_a_different_one_is_not(demo):
     out, first, _ = demo
     logs = []

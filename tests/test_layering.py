@@ -28,7 +28,8 @@ LAYERS = [
     ("ops",),                                         # primitives: forward and backward
     ("dispatch",),                                    # reference op -> registered fast kernel
     ("tensor",),                                      # Tensor, the graph, backward
-    ("blas", "io", "configs"),                        # GEMM with accumulation; files; configs
+    ("blas", "io", "configs", "hints"),               # GEMM with accumulation; files; configs;
+                                                      # errors that name their fix as a setting
     ("backend",),                                     # numpy / cupy, devices, dtypes, RNG
     ("guard", "version"),                             # the device guard (NumPy, CuPy's rules)
 ]

@@ -146,23 +146,13 @@ def save_adapter_only(model, folder):
     lora.save_adapter(model, folder)
 
 
-def load_adapter_in_place(model, folder):
-    """Resume an adapter: copy the saved tensors into the model's existing ones (the
-    optimizer holds those very Parameters)."""
-    tensors, _ = load_safetensors(os.path.join(folder, WEIGHTS_NAME))
-    state = lora.adapter_state_dict(model)
-    assert tensors.keys() == state.keys()
-    with tl.no_grad():
-        for k, t in state.items():
-            t.data[...] = tl.backend.asarray(tensors[k])
-
-
 def make_lora_trainer(prose, out_dir, cls=Trainer):
     tl.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=prose.tokenizer.vocab_size, **TINY))   # the "base"
     lora.inject(model, LORA)
+    # lora.load_adapter_weights resumes in place: the optimizer holds those very Parameters
     return cls(model, prose, TrainConfig(**{**RUN, "max_iters": 8, "lr": 1e-2}), out_dir,
-               save_model=save_adapter_only, load_model=load_adapter_in_place,
+               save_model=save_adapter_only, load_model=lora.load_adapter_weights,
                run_config={"lora": LORA.to_peft_dict()})
 
 
@@ -254,7 +244,7 @@ def test_nonfinite_step_stops_and_names_an_intact_checkpoint(tmp_path, prose, po
     msg = str(e)
     assert "\n" not in msg and f"non-finite {what}" in msg and "at step 6;" in msg
     assert e.step == 6 and e.checkpoint.endswith("step-0000004") and e.checkpoint in msg
-    assert "resume from it" in msg and "skip_nonfinite" in msg            # the two ways out
+    assert "resume from it" in msg and "skip_nonfinite=True" in msg       # the two ways out
     assert json.load(open(tmp_path / "run" / "latest.json"))["step"] == 4
     # the checkpoint is byte for byte the clean run's step 4, loadable, and resumable
     assert _files(e.checkpoint) == _files(tmp_path / "clean" / "checkpoints" / "step-0000004")
@@ -329,5 +319,5 @@ def test_cli_skip_nonfinite_flag_and_the_one_line_stop(tmp_path, capsys, monkeyp
     err = captured.err.strip()
     assert "\n" not in err and "Traceback" not in captured.err
     assert err.startswith("tinylora train: error: non-finite loss nan at step 3;")
-    assert "step-0000002" in err and "skip_nonfinite" in err
+    assert "step-0000002" in err and "pass --skip-nonfinite to skip" in err
     load_gpt(tmp_path / "b")                                     # the pointed-at one loads

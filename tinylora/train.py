@@ -34,6 +34,7 @@ from .backend import np
 from .checkpoint import (CHECKPOINT_FORMAT, load_model_weights, resolve_checkpoint,
                          save_checkpoint, save_model_weights)
 from .data import TextData, get_batch
+from .hints import Fix, hinted
 from .io import FormatError, atomic_write_text, load_json, make_folder
 from .optim import AdamW, clip_grad_norm_, cosine_lr, grad_norm, load_optimizer, param_groups
 from .tensor import no_grad
@@ -66,13 +67,19 @@ class TrainConfig:
     progress: bool = True            # tqdm bar on stderr
 
     def __post_init__(self):
+        # each message names the field as TrainConfig.NAME, which a command shows as its flag
         for name in ("batch_size", "grad_accum_steps", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_iters < 0 or self.eval_interval < 0 or self.warmup_iters < 0:
-            raise ValueError("TrainConfig: max_iters, eval_interval and warmup_iters must be >= 0")
+                raise _field_error(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("max_iters", "eval_interval", "warmup_iters"):
+            if getattr(self, name) < 0:
+                raise _field_error(name, f"must be >= 0, got {getattr(self, name)}")
         if not 0 < self.lr < math.inf:
-            raise ValueError(f"TrainConfig.lr must be > 0 and finite, got {self.lr}")
+            raise _field_error("lr", f"must be > 0 and finite, got {self.lr}")
+
+
+def _field_error(name: str, problem: str) -> ValueError:
+    return hinted(ValueError(f"TrainConfig.{name} {problem}"), Fix(name, f"TrainConfig.{name}"))
 
 
 class NonFiniteError(RuntimeError):
@@ -457,8 +464,10 @@ class Trainer:
                      f"(resume from it, perhaps with a lower learning rate)")
         else:
             where = "no checkpoint was saved yet"
-        raise NonFiniteError(f"non-finite {what} at step {failed}; training stopped and {where}; "
-                             "or set skip_nonfinite to skip such steps", failed, self.checkpoint)
+        raise hinted(NonFiniteError(f"non-finite {what} at step {failed}; training stopped and "
+                                    f"{where}; or set skip_nonfinite=True to skip such steps",
+                                    failed, self.checkpoint),
+                     Fix("skip_nonfinite", "set skip_nonfinite=True", "pass {flag}"))
 
 
 # ----------------------------------------------------------------------------- resume helpers

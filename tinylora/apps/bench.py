@@ -25,7 +25,7 @@ from .. import backend
 from ..backend import np, xp
 from ..blas import blas_info, limit_threads
 
-__all__ = ["TRAIN_CONFIGS", "bench_train_step", "run_isolated", "peak_rss_mb"]
+__all__ = ["TRAIN_CONFIGS", "bench_train_step", "run_isolated", "peak_rss_mb", "progress_bar"]
 
 # nanoGPT's CPU recipe (shakespeare_char on a laptop) and a larger GPT-2-like one
 TRAIN_CONFIGS = {
@@ -39,6 +39,13 @@ def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def progress_bar(total: int, desc: str, progress: bool = True, unit: str = "run"):
+    """A tqdm bar on stderr (off when ``progress`` is False), so JSON on stdout stays clean."""
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, leave=False,
+                file=sys.stderr, dynamic_ncols=True)
 
 
 def _blas_info(threads):
@@ -84,7 +91,7 @@ def gemm_peak_gflops(n: int = 2048) -> float:
 
 def bench_train_step(name: str = "nanogpt-cpu", *, warmup: int = 2, repeats: int = 5,
                      threads: int | None = None, config: dict | None = None,
-                     mode: str = "full", checkpointing: bool = False) -> dict:
+                     mode: str = "full", checkpointing: bool = False, progress: bool = False) -> dict:
     """Time one training step of TRAIN_CONFIGS[name] (or ``config``); a dict of figures.
 
     mode "full" trains every weight; "lora" freezes the base and trains LoRA r=8 adapters on
@@ -118,13 +125,17 @@ def bench_train_step(name: str = "nanogpt-cpu", *, warmup: int = 2, repeats: int
             opt.step()
             backend.to_numpy(last.data.reshape(-1)[:1])   # wait for the device (a no-op on CPU)
 
+        bar = progress_bar(warmup + repeats, f"{name} {mode}", progress, unit="step")
         for _ in range(warmup):
             step()
+            bar.update()
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
+            bar.update()                                # outside the timed span
+        bar.close()
         blas = _blas_info(threads)
         peak = gemm_peak_gflops()
     med = statistics.median(times)
@@ -158,14 +169,20 @@ def run_isolated(name: str, *, warmup: int = 2, repeats: int = 5, threads: int |
 
 
 def lora_vs_full(name: str = "gpt-6x384", *, warmup: int = 2, repeats: int = 5,
-                 threads: int | None = None) -> dict:
+                 threads: int | None = None, progress: bool = False) -> dict:
     """LoRA's own promise, measured: a LoRA step's time and peak memory against a full
     fine-tuning step of the same model, each in a fresh process; and LoRA with activation
     checkpointing (blocks recomputed in backward), which trades time for memory."""
     kw = dict(warmup=warmup, repeats=repeats, threads=threads)
-    full = run_isolated(name, mode="full", **kw)
-    lo = run_isolated(name, mode="lora", **kw)
-    lo_ck = run_isolated(name, mode="lora", checkpointing=True, **kw)
+    runs = {"full": dict(mode="full"), "lora": dict(mode="lora"),
+            "lora + checkpointing": dict(mode="lora", checkpointing=True)}
+    bar, done = progress_bar(len(runs), f"{name}", progress), []
+    for what, how in runs.items():
+        bar.set_postfix_str(what)
+        done.append(run_isolated(name, **how, **kw))
+        bar.update()
+    bar.close()
+    full, lo, lo_ck = done
     return {"target": "lora", "config": name, "full": full, "lora": lo, "lora_checkpointing": lo_ck,
             "time_ratio": round(lo["ms_per_step"] / full["ms_per_step"], 3),
             "peak_rss_ratio": round(lo["peak_rss_mb"] / full["peak_rss_mb"], 3),
@@ -174,7 +191,8 @@ def lora_vs_full(name: str = "gpt-6x384", *, warmup: int = 2, repeats: int = 5,
             "trainable_fraction": round(lo["trainable_params"] / lo["params"], 5)}
 
 
-def inference_figures(name: str = "gpt-6x384", *, repeats: int = 7, threads: int | None = None) -> dict:
+def inference_figures(name: str = "gpt-6x384", *, repeats: int = 7, threads: int | None = None,
+                      progress: bool = False) -> dict:
     """Forward-only speed of the base model, the same model with LoRA r=8 merged into it,
     and with the adapters unmerged (computed on the side), timed alternately in one process."""
     backend.tune_malloc()   # as the Trainer does: freed arrays stay in the heap
@@ -198,15 +216,19 @@ def inference_figures(name: str = "gpt-6x384", *, repeats: int = 7, threads: int
         x = np.random.default_rng(0).integers(0, VOCAB, (B, T))
         models = {"base": base, "merged": merged, "unmerged": unmerged}
         times = {k: [] for k in models}
+        bar = progress_bar(repeats + 1, f"{name} forwards", progress, unit="round")
         for m in models.values():
             m.eval()
             m(x)
+        bar.update()
         for _ in range(repeats):
             for k, m in models.items():
                 t0 = time.perf_counter()
                 logits, _ = m(x)
                 backend.to_numpy(logits.data[:1, :1, :1])
                 times[k].append(time.perf_counter() - t0)
+            bar.update()
+        bar.close()
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     return {"target": "infer", "config": name, "tokens": B * T,
             **{f"{k}_ms": round(v, 2) for k, v in ms.items()},
@@ -216,7 +238,7 @@ def inference_figures(name: str = "gpt-6x384", *, repeats: int = 7, threads: int
 
 
 def encode_figures(*, n: int = 128, batch_size: int = 32, repeats: int = 7,
-                   threads: int | None = None) -> dict:
+                   threads: int | None = None, progress: bool = False) -> dict:
     """all-MiniLM-L6-v2 sentence encoding: sentences/s at batch 32 for ~16-token sentences."""
     backend.tune_malloc()   # as the Trainer does: freed arrays stay in the heap
     from ..models.sentence import SentenceEncoder
@@ -228,12 +250,16 @@ def encode_figures(*, n: int = 128, batch_size: int = 32, repeats: int = 7,
                "three reports about rising housing costs", "the blue boat behind the harbour wall"]
     texts = [f"{subjects[i % 4]} {verbs[(i // 4) % 4]} {objects[(i // 16) % 4]}." for i in range(n)]
     with limit_threads(threads):
+        bar = progress_bar(repeats + 1, "encode", progress, unit="round")
         enc.encode(texts, batch_size=batch_size)
+        bar.update()
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             enc.encode(texts, batch_size=batch_size)
             times.append(time.perf_counter() - t0)
+            bar.update()
+        bar.close()
     tokens = sum(len(enc.tokenizer.encode(t)) for t in texts) / n
     med = statistics.median(times)
     return {"target": "encode", "sentences": n, "batch_size": batch_size,

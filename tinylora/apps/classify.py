@@ -193,8 +193,9 @@ class _SentenceBatches:
 
 
 def linear_probe(model: BertClassifier, train: dict, y_train, test: dict, y_test,
-                 s: FinetuneSettings) -> dict:
-    """Train only ``model.classifier`` on frozen mean-pooled embeddings (full batch)."""
+                 s: FinetuneSettings, progress: bool = False) -> dict:
+    """Train only ``model.classifier`` on frozen mean-pooled embeddings (full batch).
+    progress: the Trainer's bar on stderr."""
     model.eval()
     with no_grad():
         X_tr, X_te = (xp.concatenate([model.embed(*_batch(a, rows)).data
@@ -206,7 +207,7 @@ def linear_probe(model: BertClassifier, train: dict, y_train, test: dict, y_test
     # a constant lr (min_lr = lr, no warmup) and no clipping: plain AdamW steps
     config = TrainConfig(max_iters=s.probe_steps, batch_size=len(y_train), lr=s.probe_lr,
                          min_lr=s.probe_lr, warmup_iters=0, grad_clip=0.0, eval_interval=0,
-                         seed=s.seed, progress=False)
+                         seed=s.seed, progress=progress)
     sec, peak = _train(_Probe(head), _FullBatch(X_tr, y), config, opt)
     with no_grad():
         test_acc, train_acc = (_accuracy(head(Tensor(X_te)).data, y_test),
@@ -218,7 +219,8 @@ def linear_probe(model: BertClassifier, train: dict, y_train, test: dict, y_test
 
 
 def finetune_classifier(model: BertClassifier, train: dict, y_train, test: dict, y_test,
-             s: FinetuneSettings, method: str, out_dir=None, log=None) -> dict:
+             s: FinetuneSettings, method: str, out_dir=None, log=None,
+             progress: bool = False) -> dict:
     """LoRA (``method="lora"``) or full fine-tuning of ``model`` for ``s.steps`` steps of
     AdamW (warmup then cosine decay to a tenth, gradients clipped to norm 1), run by
     ``train.Trainer`` on batches of the tokenized sentences."""
@@ -241,7 +243,7 @@ def finetune_classifier(model: BertClassifier, train: dict, y_train, test: dict,
     # the Trainer scales each group's schedule by its lr / config.lr: the head keeps its own
     config = TrainConfig(max_iters=s.steps, batch_size=s.batch_size, lr=groups[0]["lr"],
                          warmup_iters=s.warmup, grad_clip=1.0, eval_interval=0,
-                         log_interval=20, seed=s.seed, progress=False)
+                         log_interval=20, seed=s.seed, progress=progress)
 
     def on_log(i, loss):
         if log is not None and (i % 20 == 0 or i == s.steps - 1) and loss is not None:
@@ -259,14 +261,14 @@ def finetune_classifier(model: BertClassifier, train: dict, y_train, test: dict,
             lora.save_adapter(model, folder)
             row["saved_bytes"] = sum(os.path.getsize(os.path.join(folder, f))
                                      for f in os.listdir(folder))
-        row["adapter_dir"] = os.fspath(out_dir) if out_dir else None
+        row["adapter_dir"] = os.path.abspath(out_dir) if out_dir else None
     else:
         row["saved_bytes"] = row["trainable_params"] * 4  # float32: every weight stored again
     return row
 
 
 def compare_finetuning(model_dir=None, data=None, settings: FinetuneSettings | None = None,
-                       methods=METHODS, out_dir=None, log=print) -> list:
+                       methods=METHODS, out_dir=None, log=print, progress: bool = False) -> list:
     """Linear probe, LoRA and full fine-tuning of the same pretrained encoder (default: the
     installed all-MiniLM-L6-v2) on ``data`` (default ``data.agent_task()``).
 
@@ -274,7 +276,8 @@ def compare_finetuning(model_dir=None, data=None, settings: FinetuneSettings | N
     ``total_params``, ``trainable_pct``, ``saved_bytes`` (LoRA: the adapter folder on disk;
     full: all weights in float32), ``sec_per_step`` (median), ``peak_train_mb``, ``steps``,
     ``seconds``. ``out_dir``: where the LoRA adapter is saved (``adapter_dir``); default None:
-    it is only measured, in a temporary folder that is removed.
+    it is only measured, in a temporary folder that is removed. ``progress``: a bar per
+    method's training on stderr.
     """
     s = settings or FinetuneSettings()
     unknown = [m for m in methods if m not in METHODS]
@@ -293,11 +296,12 @@ def compare_finetuning(model_dir=None, data=None, settings: FinetuneSettings | N
         model.bert.requires_grad_(False)
         total = sum(p.data.size for p in model.parameters())  # before LoRA adds any
         if method == "probe":
-            row = linear_probe(model, train, data.train_labels, test, data.test_labels, s)
+            row = linear_probe(model, train, data.train_labels, test, data.test_labels, s,
+                               progress=progress)
         else:
             sub = None if out_dir is None else os.path.join(os.fspath(out_dir), f"{method}_adapter")
             row = finetune_classifier(model, train, data.train_labels, test, data.test_labels, s, method,
-                           out_dir=sub, log=log)
+                           out_dir=sub, log=log, progress=progress)
         row["total_params"] = total
         row["trainable_pct"] = 100.0 * row["trainable_params"] / total
         row["seconds"] = time.perf_counter() - t0

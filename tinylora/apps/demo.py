@@ -336,7 +336,7 @@ def run_demo(out="tinylora-demo", *, quick: bool = False, settings: DemoSettings
     graph = viz.draw_lora_layer(os.path.join(out, "lora_layer_graph"))
     results["files"] = {"loss_curves": None if png is None else os.path.relpath(png, out),
                         "graph": [os.path.relpath(p, out) for p in graph],
-                        "metrics": "metrics.json",
+                        "metrics": "metrics.json", "base": os.path.relpath(_base_dir(out), out),
                         **{m: r["saved"] for m, r in results["methods"].items()}}
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     results["cpu_seconds"] = round(_cpu_seconds() - cpu_start, 1)
@@ -404,10 +404,15 @@ def format_report(results: dict) -> str:
     lines.append("-" * 65)
     files = results["files"]
     lines.append(f"output: {results['out']}/")
+    lines.append(f"  {files.get('base', 'base')}/ (the pretrained base run; reused by the next "
+                 "demo with the same settings and seed)")
     lines.append(f"  {files['lora']}/ and {files['qlora']}/ (PEFT layout), {files['full']}/ "
                  "(checkpoint: tinylora generate --checkpoint), metrics.json")
+    graph = list(files["graph"])
+    if not any(g.endswith(".svg") for g in graph):
+        graph.append("no .svg (Graphviz's `dot` is not installed; the .dot file renders anywhere)")
     lines.append("  " + (files["loss_curves"] or "no loss_curves.png (matplotlib not installed)")
-                 + ", " + ", ".join(files["graph"]))
+                 + ", " + ", ".join(graph))
     lines.append(f"total {results['seconds']:.0f} s wall, {results['cpu_seconds']:.0f} s CPU")
     return "\n".join(lines)
 

@@ -4,6 +4,8 @@
     data = load_data("builtin:python", tokenizer=tok, block_size=model.config.block_size)
     info = prepare(model, "lora", lora.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     res = finetune(model, data, TrainConfig(max_iters=300, lr=3e-3))
+    # or with checkpoints that hold only the adapter (and resume=True to continue them):
+    res = finetune(model, data, cfg, out_dir="out/adapter", **adapter_checkpoints())
     save_finetuned(model, tok, "lora", "out/adapter", base="runs/prose")
     model, tok, meta = load_finetuned("out/adapter")             # base + adapter, ready to generate
 
@@ -24,6 +26,7 @@ from .. import lora
 from ..lora.adapters import CONFIG_NAME, WEIGHTS_NAME
 from ..lora.registry import registry as adapter_registry
 from ..checkpoint import load_gpt, resolve_checkpoint, save_gpt
+from ..hints import Fix, hinted
 from ..io import load_json, save_json
 from ..train import TrainConfig, Trainer
 from .llama import (checkpoint_model_type, instruction_loss, is_llama_folder,
@@ -31,7 +34,7 @@ from .llama import (checkpoint_model_type, instruction_loss, is_llama_folder,
 
 __all__ = ["METHODS", "FINETUNE_INFO", "load_base", "load_pretrained", "prepare", "finetune",
            "save_finetuned", "load_finetuned", "training_state_bytes", "is_adapter_dir",
-           "is_hf_gpt2_folder", "TimedTrainer", "finetune_instructions"]
+           "is_hf_gpt2_folder", "TimedTrainer", "finetune_instructions", "adapter_checkpoints"]
 
 METHODS = ("full", "lora", "qlora")
 FINETUNE_INFO = "tinylora_finetune.json"   # our side file in an adapter folder (PEFT ignores it)
@@ -69,7 +72,8 @@ def load_base(base):
     """``(model, tokenizer, folder)`` of a base model: a tinylora checkpoint or run folder,
     or a Hugging Face GPT-2 folder (``load_pretrained``)."""
     if base is None:
-        raise ValueError("no base model: give a checkpoint folder or run folder (--base)")
+        raise _needs_base(ValueError("no base model: give a checkpoint folder or run folder "
+                                     "(base=...)"))
     if is_hf_gpt2_folder(base):
         return load_pretrained(base)
     if checkpoint_model_type(base) == "Llama":   # a toy Llama trained by `tinylora train`
@@ -77,6 +81,11 @@ def load_base(base):
         return model, tok, resolve_checkpoint(base)
     model, tok, _ = load_gpt(base)
     return model, tok, resolve_checkpoint(base)
+
+
+def _needs_base(exc):
+    """An error whose fix is to name the base model: ``base=...`` here, a flag in the CLI."""
+    return hinted(exc, Fix("base", "(base=...)", "({flag})"))
 
 
 def _check_method(method: str) -> None:
@@ -146,7 +155,7 @@ class TimedTrainer(Trainer):
 
     def step_times(self, result) -> dict:
         """ms per training step, wall and CPU, evaluations left out."""
-        steps = max(result.step, 1)
+        steps = max(result.step - result.start_step, 1)   # this call's steps (resumed: fewer)
         wall = max(result.elapsed_s - self.eval_seconds, 0.0)
         cpu = max(self.cpu_seconds - self.eval_cpu_seconds, 0.0)
         return {"train_seconds": round(wall, 3), "eval_seconds": round(self.eval_seconds, 3),
@@ -154,17 +163,40 @@ class TimedTrainer(Trainer):
                 "cpu_ms_per_step": round(1e3 * cpu / steps, 2)}
 
 
-def finetune(model, data, config: TrainConfig, *, out_dir=None, save_model=None) -> dict:
+def adapter_checkpoints(check_base: bool = True) -> dict:
+    """``save_model`` / ``load_model`` for ``finetune`` (or a Trainer) whose checkpoints hold
+    only the adapter: PEFT's two files, loaded back into the model's existing adapter in
+    place (``lora.load_adapter_weights``), so the optimizer keeps its Parameters. The frozen
+    base is not copied into every checkpoint; a resumed run rebuilds it from its folder."""
+    def load(model, folder):
+        lora.load_adapter_weights(model, folder, check_base=check_base)
+    return {"save_model": lora.save_adapter, "load_model": load}
+
+
+def finetune(model, data, config: TrainConfig, *, out_dir=None, save_model=None,
+             load_model=None, run_config: dict | None = None, resume=False) -> dict:
     """Train the prepared ``model`` on ``data`` (a TextData) and report.
 
-    Returns ``{"steps", "val_before", "val_after", "train_seconds", "eval_seconds",
-    "ms_per_step", "cpu_ms_per_step", "state_bytes", "curve": [(step, val_loss)], "evals"}``;
-    ``val_before``
-    is the evaluation at step 0 (needs ``config.eval_interval`` > 0)."""
-    trainer = TimedTrainer(model, data, config, out_dir, save_model=save_model)
+    out_dir: a run folder for checkpoints and metrics.jsonl (see tinylora.train); then
+    Ctrl-C saves a checkpoint and raises train.TrainingInterrupted, and ``resume=True``
+    continues from the latest one exactly (``resume=FOLDER``: from that checkpoint).
+    save_model / load_model: how a checkpoint's weights are written and read (default every
+    weight; ``adapter_checkpoints()`` for LoRA). run_config: extra JSON for each checkpoint's
+    config.json.
+
+    Returns ``{"steps", "start_step", "val_before", "val_after", "train_seconds",
+    "eval_seconds", "ms_per_step", "cpu_ms_per_step", "state_bytes", "curve": [(step,
+    val_loss)], "evals", "checkpoint"}``; ``val_before`` is the evaluation at step 0 (needs
+    ``config.eval_interval`` > 0); the times count this call's steps only."""
+    trainer = TimedTrainer(model, data, config, out_dir, save_model=save_model,
+                           load_model=load_model, run_config=run_config)
+    if resume:
+        trainer.resume(None if resume is True else resume)
     result = trainer.train()
     evals = result.evals
-    return {"steps": result.step, "val_before": evals[0]["val_loss"] if evals else None,
+    return {"steps": result.step, "start_step": result.start_step,
+            "checkpoint": result.checkpoint,
+            "val_before": evals[0]["val_loss"] if evals else None,
             "val_after": evals[-1]["val_loss"] if evals else None,
             **trainer.step_times(result), "state_bytes": training_state_bytes(model),
             "curve": [(e["step"], e["val_loss"]) for e in evals], "evals": evals}
@@ -242,11 +274,13 @@ def load_finetuned(adapter_dir, base=None, *, check_base: bool = True):
     info = finetune_info(adapter_dir)
     base = base or adapter_base(adapter_dir)
     if base is None:
-        raise ValueError(f"{adapter_dir}: the adapter names no base model "
-                         "(base_model_name_or_path is empty); give the base checkpoint (--base)")
+        raise _needs_base(ValueError(f"{adapter_dir}: the adapter names no base model "
+                                     "(base_model_name_or_path is empty); give the base "
+                                     "checkpoint (base=...)"))
     if not os.path.exists(base):
-        raise FileNotFoundError(f"{adapter_dir}: its base model {base!r} does not exist; give the "
-                                "base checkpoint it was trained on (--base)")
+        raise _needs_base(FileNotFoundError(f"{adapter_dir}: its base model {base!r} does not "
+                                            "exist; give the base checkpoint it was trained on "
+                                            "(base=...)"))
     model, tok, folder = load_base(base)
     if info.get("quantize"):
         quant.quantize_model(model, print_fn=None, **info["quantize"])

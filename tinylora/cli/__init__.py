@@ -3,7 +3,9 @@
 Each command lives in its own module with ``register(subparsers)``, which adds a parser
 whose ``func(args)`` does the work and returns an exit code (or None for 0). Shared
 conventions: ``--seed``, ``--out``, ``--json`` mean the same everywhere (see ``common``);
-an error prints one line and exits 1, with the traceback only under ``--debug``.
+an error prints one line and exits 1, with the traceback only under ``--debug``; where
+the library's error names its fix as a Python argument (tinylora.hints), the line names the
+command's flag for it instead.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ _COMMANDS = [
     ("merge", "merge an adapter into its base: a plain checkpoint"),
     ("adapters", "list adapter folders, or inspect one"),
     ("generate", "sample text from a GPT or Llama, optionally with an adapter"),
-    ("bench", "benchmark figures (ms/step, tokens/s, memory) as JSON"),
+    ("bench", "benchmark figures (ms/step, tokens/s, memory): a table, or JSON with --json"),
     ("embed", "sentence embeddings with all-MiniLM-L6-v2"),
     ("classify", "fine-tune MiniLM on a built-in task: probe vs LoRA vs full"),
 ]
@@ -123,8 +125,9 @@ def main(argv=None) -> int:
     except Exception as exc:  # noqa: BLE001  (every failure becomes one clear line)
         if debug:
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"tinylora {args.command}: error: {msg}", file=sys.stderr)
+        from .common import error_line       # a fix is named by this command's flag
+        print(f"tinylora {args.command}: error: {error_line(exc, getattr(args, '_parser', None))}",
+              file=sys.stderr)
         return 1
 
 

@@ -1,7 +1,9 @@
-"""`tinylora bench TARGET`: benchmark figures as JSON (figures to report, not timed tests).
+"""`tinylora bench TARGET`: benchmark figures (figures to report, not timed tests).
 
-Targets register in ``_TARGETS`` as name -> (summary, add_arguments, run). The PyTorch
-side of the comparisons lives in benchmarks/compare_torch.py (it needs torch installed).
+Every target prints a table, or with --json every figure it measured as JSON on stdout
+(the form benchmarks/results/ stores); a progress bar goes to stderr unless --no-progress
+or --json. Targets register in ``_TARGETS`` as name -> (summary, add_arguments, run). The
+PyTorch side of the comparisons lives in benchmarks/compare_torch.py (it needs torch).
 """
 from __future__ import annotations
 
@@ -23,10 +25,17 @@ def _train_args(p) -> None:
 
 
 def _train_run(args) -> list:
-    from ..apps.bench import TRAIN_CONFIGS, bench_train_step, run_isolated
+    from ..apps.bench import TRAIN_CONFIGS, bench_train_step, progress_bar, run_isolated
     fn = bench_train_step if args.in_process else run_isolated
-    return [fn(name, warmup=args.warmup, repeats=args.repeats, threads=args.threads, mode=args.mode)
-            for name in (args.config or list(TRAIN_CONFIGS))]
+    names = args.config or list(TRAIN_CONFIGS)
+    bar, rows = progress_bar(len(names), "bench train", args.progress), []
+    for name in names:
+        bar.set_postfix_str(name)
+        rows.append(fn(name, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+                       mode=args.mode))
+        bar.update()
+    bar.close()
+    return rows
 
 
 def _one_config(p, default="gpt-6x384") -> None:
@@ -42,7 +51,8 @@ def _lora_args(p) -> None:
 
 def _lora_run(args) -> list:
     from ..apps.bench import lora_vs_full
-    return [lora_vs_full(args.config, repeats=args.repeats, threads=args.threads)]
+    return [lora_vs_full(args.config, repeats=args.repeats, threads=args.threads,
+                         progress=args.progress)]
 
 
 def _infer_args(p) -> None:
@@ -52,7 +62,8 @@ def _infer_args(p) -> None:
 
 def _infer_run(args) -> list:
     from ..apps.bench import inference_figures
-    return [inference_figures(args.config, repeats=args.repeats, threads=args.threads)]
+    return [inference_figures(args.config, repeats=args.repeats, threads=args.threads,
+                              progress=args.progress)]
 
 
 def _qlora_args(p) -> None:
@@ -62,7 +73,11 @@ def _qlora_args(p) -> None:
 
 
 def _qlora_run(args) -> list:
+    import sys
     from ..apps.bench_qlora import qlora_figures
+    if args.progress:   # its runs are subprocesses and kernels with no steps to count
+        print("bench qlora: 4 fine-tuning runs in fresh processes, then the 4-bit layer and "
+              "storage figures (minutes at the default sizes) ...", file=sys.stderr, flush=True)
     return [{"target": "qlora", "config": args.config,
              **qlora_figures(args.config, matrix=args.matrix, steps=args.steps, threads=args.threads)}]
 
@@ -74,7 +89,8 @@ def _encode_args(p) -> None:
 
 def _encode_run(args) -> list:
     from ..apps.bench import encode_figures
-    return [encode_figures(batch_size=args.batch_size, threads=args.threads)]
+    return [encode_figures(batch_size=args.batch_size, threads=args.threads,
+                           progress=args.progress)]
 
 
 _TARGETS = {
@@ -99,13 +115,15 @@ def register(sub, name, summary):
         tp.add_argument("--debug", dest="debug_cmd", action="store_true",
                         help="show full tracebacks on errors")
         add_args(tp)
+        tp.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")
         add_json(tp)
-        tp.set_defaults(func=run)
+        tp.set_defaults(func=run, _parser=tp)
 
 
 def run(args) -> int:
+    args.progress = not (args.no_progress or args.json)
     rows = _TARGETS[args.target][2](args)
-    if args.json or args.target not in ("train", "lora", "infer", "encode"):
+    if args.json:
         print_json(rows)
         return 0
     if args.target == "train":
@@ -122,6 +140,23 @@ def run(args) -> int:
         print(f"\nLoRA/full: time {r['time_ratio']}, peak memory {r['peak_rss_ratio']}; with "
               f"activation checkpointing: time {r['checkpointing_time_ratio']}, peak memory "
               f"{r['checkpointing_peak_rss_ratio']}")
+    elif args.target == "qlora":
+        print(_qlora_table(rows[0]))
     else:
         print(table([{k: v for k, v in r.items() if k != "blas"} for r in rows]))
     return 0
+
+
+def _qlora_table(r: dict) -> str:
+    """The headline QLoRA figures: one row per model (the GPT and the square matrix)."""
+    rows = []
+    for kind in ("gpt", "matrix"):
+        k = r[kind]
+        rows.append({"model": kind, "lora_weight_mb": k["lora"]["weight_mb"],
+                     "qlora_weight_mb": k["qlora"]["weight_mb"],
+                     "weight_ratio": k["weight_memory_ratio"],
+                     "lora_ms": k["step_time"]["lora_ms"], "qlora_ms": k["step_time"]["qlora_ms"],
+                     "time_ratio": k["step_time"]["qlora_over_lora"],
+                     "peak_rss_ratio": k["train_peak_rss_ratio"]})
+    return (table(rows) + f"\n\nconfig {r['config']}, device {r['device']}; every figure "
+            "(bytes/param, NF4 throughput, layer speed): --json")

@@ -24,6 +24,7 @@ def register(sub, name, summary):
                    help="360 sentences and 40 steps (a CI-sized run)")
     add_out(p, "runs/classify", "folder for the LoRA adapter (<out>/lora_adapter)")
     add_seed(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (stderr)")
     add_json(p)
     p.set_defaults(func=run)
 
@@ -44,14 +45,18 @@ def run(args) -> int:
     if args.steps is not None:
         s.steps = args.steps
     s.lora_r, s.lora_alpha = args.lora_r, args.lora_alpha
-    rows = compare_finetuning(args.model, data=data, settings=s, methods=methods, out_dir=args.out,
+    bars = not (args.no_progress or args.json)     # progress bars on stderr
+    rows = compare_finetuning(args.model, data=data, settings=s, methods=methods, progress=bars, out_dir=args.out,
                               log=None if args.json else print)
     _save_metrics(args, s, data, rows)
     if args.json:
-        print_json(rows)
+        print_json(rows)     # the LoRA row's adapter_dir says where its adapter is
     else:
         print()
         print(format_table(rows))
+        for r in rows:
+            if r.get("adapter_dir"):
+                print(f"\nLoRA adapter (PEFT layout) saved to {r['adapter_dir']}")
     return 0
 
 

@@ -25,6 +25,7 @@ def add_command(sub, name: str, summary: str, description: str | None = None) ->
                        formatter_class=HelpFormatter)
     p.add_argument("--debug", dest="debug_cmd", action="store_true",
                    help="show full tracebacks on errors")
+    p.set_defaults(_parser=p)   # the running command's parser: its flags name an error's fix
     return p
 
 
@@ -70,3 +71,35 @@ def lora_config(args, default_targets: str):
     from .. import lora
     return lora.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                            target_modules=_target_modules(args.target_modules or default_targets))
+
+
+# ----------------------------------------------------------------------------- errors
+
+def flag_for(parser, setting: str) -> str | None:
+    """The option of ``parser`` that sets ``setting`` (a library argument or config field, as
+    a tinylora.hints.Fix names it): the parser's ``setting_flags`` default maps it, else the
+    option whose dest is that name. None when the command has none."""
+    if parser is None:
+        return None
+    mapping = parser.get_default("setting_flags") or {}
+    if setting in mapping:          # None: the command has an option of that name for another use
+        return mapping[setting]
+    for action in parser._actions:
+        if action.dest == setting and action.option_strings:
+            return max(action.option_strings, key=len)
+    return None
+
+
+def error_line(exc: BaseException, parser=None) -> str:
+    """The first line of ``exc``'s message, with each fix it carries (tinylora.hints) named
+    as the running command's flag instead of the Python argument."""
+    from ..hints import fixes_of
+    text = str(exc).strip()
+    msg = text.splitlines()[0] if text else type(exc).__name__
+    for fix in fixes_of(exc):
+        flag = flag_for(parser, fix.setting)
+        if flag is not None:
+            msg = msg.replace(fix.python, fix.cli.format(flag=flag))
+        elif fix.otherwise is not None:
+            msg = msg.replace(fix.python, fix.otherwise)
+    return msg

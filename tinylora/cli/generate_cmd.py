@@ -23,6 +23,8 @@ def register(sub, name, summary):
                      help="a Hugging Face model folder (GPT-2 or Llama-family); with --adapter, "
                           "its base")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT layout) to apply")
+    p.add_argument("--no-check-base", dest="check_base", action="store_false",
+                   help="apply the adapter even if it was saved from a different base model")
     p.add_argument("--prompt", default="\n", help="text to continue (characters of the model's vocabulary)")
     p.add_argument("--max-new-tokens", type=int, default=300,
                    help="tokens to generate (characters for a character-level model)")
@@ -31,7 +33,7 @@ def register(sub, name, summary):
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default: off)")
     p.add_argument("--num-samples", type=int, default=1, help="independent continuations")
     add_seed(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, setting_flags={"base": "--checkpoint"})   # the adapter's base
 
 
 def run(args) -> int:
@@ -50,7 +52,7 @@ def run(args) -> int:
 
     base = args.checkpoint or args.pretrained
     if args.adapter:
-        model, tok, info = load_finetuned(args.adapter, base)
+        model, tok, info = load_finetuned(args.adapter, base, check_base=args.check_base)
         folder = info["base"]
     elif args.pretrained:
         model, tok, folder = load_base(args.pretrained)

@@ -23,6 +23,8 @@ def register(sub, name, summary):
     p.add_argument("--base", default=None,
                    help="base checkpoint (default: the one the adapter names in "
                         "adapter_config.json's base_model_name_or_path)")
+    p.add_argument("--no-check-base", dest="check_base", action="store_false",
+                   help="merge even if the adapter was saved from a different base model")
     p.add_argument("--out", default=None,
                    help="merged checkpoint folder, a Hugging Face folder for a Llama-family "
                         "base (default: ADAPTER-merged)")
@@ -44,7 +46,7 @@ def run(args) -> int:
     from ..tensor import no_grad
 
     out = args.out or os.path.normpath(args.adapter) + "-merged"
-    model, tok, info = load_finetuned(args.adapter, args.base)
+    model, tok, info = load_finetuned(args.adapter, args.base, check_base=args.check_base)
     # a fixed probe batch: the merged model must give the adapted model's logits
     cfg = model.config
     llama = isinstance(model, Llama)

@@ -62,7 +62,8 @@ def register(sub, name, summary):
                    help="skip steps whose loss or gradient is NaN/Inf instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json(p)
-    p.set_defaults(func=run, resume_hint="tinylora train --out {out} --resume")
+    p.set_defaults(func=run, resume_hint="tinylora train --out {out} --resume",
+                   setting_flags={f: flag for flag, (f, _, _) in _TRAIN_FLAGS.items()})
 
 
 def run(args) -> int:

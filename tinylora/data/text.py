@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from .. import backend
 from ..backend import np
 from ..io import decode_utf8
+from ..hints import Fix, hinted
 from ..tensor import Tensor
 
 __all__ = ["CharTokenizer", "BUILTIN_VOCAB", "BUILTIN_CORPORA", "builtin_text", "load_text",
@@ -88,10 +89,12 @@ class CharTokenizer:
             at = int(bad[0])
             ch = text[at]
             line = text.count("\n", 0, at) + 1
-            raise ValueError(f"character {ch!r} (U+{ord(ch):04X}) on line {line} (offset {at}) is "
-                             f"not in the tokenizer's {self.vocab_size}-character vocabulary "
-                             f"({bad.size} such characters in all); remove or replace them "
-                             "(data.normalize_ascii folds text to the built-in vocabulary)")
+            raise hinted(ValueError(
+                f"character {ch!r} (U+{ord(ch):04X}) on line {line} (offset {at}) is not in the "
+                f"tokenizer's {self.vocab_size}-character vocabulary ({bad.size} such characters "
+                "in all); remove or replace them (data.normalize_ascii folds text to the "
+                "built-in vocabulary)"),
+                Fix("normalize_ascii", "data.normalize_ascii folds", "{flag} folds"))
         return ids.astype(dtype, copy=False)
 
     def decode(self, ids) -> str:
@@ -251,21 +254,28 @@ class TextData:
 
 
 def load_data(spec: str, *, tokenizer: CharTokenizer | None = None, block_size: int | None = None,
-              val_fraction: float = 0.1) -> TextData:
+              val_fraction: float = 0.1, fold_ascii: bool = False) -> TextData:
     """Read ``builtin:NAME`` or a text file, encode it and split it.
 
     tokenizer: use this one (e.g. the base model's, for fine-tuning) instead of the corpus's
     default. block_size: check that both splits hold at least one window of block_size + 1.
+    fold_ascii: pass the text through ``normalize_ascii`` first (into the built-in vocabulary).
     """
     text, own = read_corpus(spec)
+    if fold_ascii and not spec.startswith("builtin:"):   # the built-ins are folded already
+        text = normalize_ascii(text)
+        own = CharTokenizer.from_text(text)
     tok = tokenizer or own
     tokens = tok.encode(text, np.uint16 if tok.vocab_size <= 65535 else np.int32)
     train, val = train_val_split(tokens, val_fraction)
     if block_size is not None:
         for split, arr in (("training", train), ("validation", val)):
             if len(arr) < block_size + 1:
-                raise ValueError(f"data {spec!r} is too short: its {split} split has {len(arr)} "
-                                 f"tokens but block_size + 1 = {block_size + 1} are needed; use a "
-                                 "smaller --block-size or a longer text")
+                raise hinted(ValueError(
+                    f"data {spec!r} is too short: its {split} split has {len(arr)} tokens but "
+                    f"block_size + 1 = {block_size + 1} are needed; use a smaller block_size or "
+                    "a longer text"),
+                    Fix("block_size", "a smaller block_size or a longer", "a smaller {flag} or a "
+                        "longer", otherwise="a longer"))
     sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
     return TextData(spec, sha, tok, train, val)

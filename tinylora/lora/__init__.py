@@ -5,6 +5,7 @@
     lora.trainable_summary(model)
     lora.save_adapter(model, "out/adapter")     # adapter_model.safetensors + adapter_config.json
     lora.load_adapter(other, "out/adapter", adapter_name="b")
+    lora.load_adapter_weights(model, "ckpt")    # into its existing adapter (resuming a fine-tune)
     lora.set_adapter(model, ["default", "b"])   # both active: their updates add up
     model(idx, adapter_names=["default", "__base__", "b"])   # one adapter per batch row
     lora.merge(model); lora.unmerge(model); lora.merge_and_unload(model)
@@ -18,7 +19,7 @@ adapters.py (files), protocol.py (what a base layer must offer), registry.py.
 See docs/lora.md for the math, shapes and file layout.
 """
 from .adapters import (AdapterLoadError, BaseModelMismatchError, adapter_state_dict,
-                       base_fingerprint, load_adapter, save_adapter)
+                       base_fingerprint, load_adapter, load_adapter_weights, save_adapter)
 from .config import LoraConfig
 from .inject import inject, mark_only_lora_as_trainable, trainable_parameters, trainable_summary
 from .layers import LoraLayer, LoRAEmbedding, LoRALinear
@@ -33,6 +34,6 @@ __all__ = [
     "merge", "unmerge", "merge_and_unload", "unload",
     "set_adapter", "active_adapters", "list_adapters", "disable_adapter", "delete_adapter",
     "add_weighted_adapter",
-    "save_adapter", "load_adapter", "adapter_state_dict", "base_fingerprint",
+    "save_adapter", "load_adapter", "load_adapter_weights", "adapter_state_dict", "base_fingerprint",
     "AdapterLoadError", "BaseModelMismatchError",
 ]

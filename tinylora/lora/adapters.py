@@ -21,6 +21,7 @@ import os
 
 from ..version import __version__
 from ..backend import np, xp
+from ..hints import Fix, hinted
 from ..io import load_json, load_safetensors, read_safetensors_header, save_json, save_safetensors
 from ..nn.module import Parameter
 from ..tensor import no_grad
@@ -32,7 +33,7 @@ from .protocol import is_linear_like, weight_digest
 from .registry import adapter_modules, all_adapter_names, check_adapter_name, lora_layers, registry
 from .targets import find_modules_to_save, find_targets
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "base_fingerprint",
+__all__ = ["save_adapter", "load_adapter", "load_adapter_weights", "adapter_state_dict", "base_fingerprint",
            "AdapterLoadError", "BaseModelMismatchError", "WEIGHTS_NAME", "CONFIG_NAME", "PREFIX"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -212,19 +213,9 @@ def load_adapter(model, adapter_dir, adapter_name: str = "default", *, check_bas
         raise AdapterLoadError(f"{w_path} does not fit this model (r={cfg.r}, target_modules="
                                f"{cfg.target_modules!r}); nothing was changed: "
                                + "; ".join(problems))
-    tensors, _ = load_safetensors(w_path)
-    for k, a in tensors.items():
-        if not np.isfinite(a).all():
-            raise AdapterLoadError(f"{w_path}: tensor {k.removeprefix(PREFIX)} holds NaN or inf; "
-                                   "the adapter is corrupt (nothing was changed)")
-    theirs = meta.get(FINGERPRINT_KEY)
-    if check_base and theirs is not None:
-        ours = base_fingerprint([(p, m) for p, m in targets])
-        if theirs != ours:
-            raise BaseModelMismatchError(
-                f"{w_path} was trained on a different base model: its fingerprint of the targeted "
-                f"base weights is {theirs[-16:]}, this model's is {ours[-16:]}; load it into the "
-                "base it was trained on, or pass check_base=False to load it anyway")
+    tensors = _finite_tensors(w_path)
+    if check_base:
+        _check_fingerprint(w_path, meta, [(p, m) for p, m in targets])
 
     # ---- checked: change the model
     inject(model, cfg, adapter_name, _init="zeros")
@@ -240,4 +231,66 @@ def load_adapter(model, adapter_dir, adapter_name: str = "default", *, check_bas
         for t in state.values():
             t.requires_grad = False
     return cfg
+
+
+def load_adapter_weights(model, adapter_dir, adapter_name: str = "default", *,
+                         check_base: bool = True) -> None:
+    """Copy a saved adapter's values into the model's existing adapter ``adapter_name``, in
+    place: the same Parameter objects get the saved values, so an optimizer that holds them
+    goes on working. This resumes an adapter-only fine-tune (``Trainer(load_model=...)``);
+    ``load_adapter`` instead adds a new adapter. The file must hold exactly this adapter's
+    tensors, of the same shapes, finite, saved from this base (check_base=False skips the
+    fingerprint); on any error the model is unchanged."""
+    d = os.fspath(adapter_dir)
+    w_path = os.path.join(d, WEIGHTS_NAME)
+    if not os.path.isfile(w_path):
+        raise FileNotFoundError(f"{w_path} does not exist: an adapter folder holds {CONFIG_NAME} "
+                                f"and {WEIGHTS_NAME} (lora.save_adapter writes both)")
+    state = adapter_state_dict(model, adapter_name)
+    header, meta = read_safetensors_header(w_path)
+    problems = []
+    if header.keys() != state.keys():
+        if state.keys() - header.keys():
+            problems.append(f"missing tensors: {_listing(state.keys() - header.keys())}")
+        if header.keys() - state.keys():
+            problems.append(f"unexpected tensors: {_listing(header.keys() - state.keys())}")
+    shapes = [f"{k.removeprefix(PREFIX)} has shape {tuple(header[k]['shape'])}, the adapter "
+              f"{tuple(t.shape)}" for k, t in sorted(state.items())
+              if k in header and tuple(header[k]["shape"]) != tuple(t.shape)]
+    problems += shapes[:2] + ([f"... {len(shapes)} such tensors in all"] if len(shapes) > 2 else [])
+    if problems:
+        raise AdapterLoadError(f"{w_path} does not fit adapter {adapter_name!r} of this model; "
+                               "nothing was changed: " + "; ".join(problems))
+    tensors = _finite_tensors(w_path)
+    if check_base:
+        _check_fingerprint(w_path, meta, [(p, m) for p, m in lora_layers(model)
+                                          if adapter_name in m.r])
+    with no_grad():
+        for k, t in state.items():
+            t.data[...] = xp.asarray(tensors[k]).astype(t.dtype, copy=False)
+            t._version += 1
+
+
+def _finite_tensors(w_path) -> dict:
+    tensors, _ = load_safetensors(w_path)
+    for k, a in tensors.items():
+        if not np.isfinite(a).all():
+            raise AdapterLoadError(f"{w_path}: tensor {k.removeprefix(PREFIX)} holds NaN or inf; "
+                                   "the adapter is corrupt (nothing was changed)")
+    return tensors
+
+
+def _check_fingerprint(w_path, meta: dict, layers) -> None:
+    """BaseModelMismatchError when the file's base fingerprint (if it has one) is not that
+    of ``layers``' base weights."""
+    theirs = meta.get(FINGERPRINT_KEY)
+    if theirs is None:
+        return
+    ours = base_fingerprint(layers)
+    if theirs != ours:
+        raise hinted(BaseModelMismatchError(
+            f"{w_path} was trained on a different base model: its fingerprint of the targeted "
+            f"base weights is {theirs[-16:]}, this model's is {ours[-16:]}; load it into the "
+            "base it was trained on, or pass check_base=False to load it anyway"),
+            Fix("check_base", "pass check_base=False", "pass {flag}"))
 
