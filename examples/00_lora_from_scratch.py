@@ -1,6 +1,6 @@
 """LoRA and QLoRA from scratch, in one file: NumPy and the Python standard library only.
 
-Read it top to bottom, one `# %%` cell (it opens as a notebook in Jupyter or VS Code) per step:
+Read it top to bottom, one `# %%` cell per step (it opens as a notebook in Jupyter or VS Code):
 autograd, its gradient check, a GPT, AdamW, LoRA, QLoRA, the adapter file, the comparison.
 tests/test_one_file.py checks, number for number, that it computes what the tinylora package
 computes (loss, every gradient, AdamW steps, NF4 bytes, the adapter file).
@@ -23,9 +23,9 @@ if MAIN:
 
 # %% 1. Tensor and autograd
 # A Tensor holds an array (.data), its gradient (.grad, filled by backward) and how it was
-# made: its parents and a function mapping the output's gradient to one gradient per parent.
-# backward() walks the graph in reverse topological order, so a node's gradient is complete
-# (every use of it has added its share) before it is passed on to the node's parents.
+# made: its parents and a function mapping the output's gradient to one gradient per parent
+# (None for a parent that needs none). backward() walks the graph in reverse topological
+# order, so a node's gradient is complete (every use has added its share) before it is passed on.
 
 def unbroadcast(g, shape):
     """Sum g back to `shape`. A broadcast input was used once per copy, so its gradient
@@ -48,64 +48,64 @@ class Tensor:
 
     shape = property(lambda self: self.data.shape)
     T = property(lambda self: self.transpose())
+
     def _lift(self, other):   # numbers and arrays become constants of our dtype
         return other if isinstance(other, Tensor) else Tensor(np.asarray(other, self.data.dtype))
-    # y = a + b  ->  da = dy, db = dy   (backward() sums each back to its input's shape)
-    def __add__(self, other):
+
+    def __add__(self, other):   # y = a + b  ->  da = dy, db = dy  (backward() unbroadcasts)
         a, b = self, self._lift(other)
         return Tensor(a.data + b.data, (a, b), lambda g: (g, g))
-    # y = a * b  ->  da = dy * b,  db = dy * a
-    def __mul__(self, other):
+
+    def __mul__(self, other):   # y = a * b  ->  da = dy * b,  db = dy * a
         a, b = self, self._lift(other)
         return Tensor(a.data * b.data, (a, b), lambda g: (g * b.data if a.requires_grad else None,
                                                           g * a.data if b.requires_grad else None))
-    # y = aᵏ (k a number)  ->  da = dy * k·aᵏ⁻¹
-    def __pow__(self, k):
-        a = self
-        return Tensor(a.data ** k, (a,), lambda g: (g * k * a.data ** (k - 1),))
-    # y = a @ b (batched over leading axes)  ->  da = dy @ bᵀ,  db = aᵀ @ dy
-    def __matmul__(self, other):
+
+    def __pow__(self, k):       # y = aᵏ (k a number)  ->  da = dy * k·aᵏ⁻¹
+        return Tensor(self.data ** k, (self,), lambda g: (g * k * self.data ** (k - 1),))
+
+    def __matmul__(self, other):   # y = a @ b (batched over leading axes)
         a, b = self, self._lift(other)
-        def backward(g):   # a frozen input gets no gradient at all: LoRA never forms dW
+        def backward(g):           # da = dy @ bᵀ, db = aᵀ @ dy; frozen W: LoRA never forms dW
             return (g @ b.data.swapaxes(-1, -2) if a.requires_grad else None,
                     a.data.swapaxes(-1, -2) @ g if b.requires_grad else None)
         return Tensor(a.data @ b.data, (a, b), backward)
-    # y = eᵃ  ->  da = dy * y
-    def exp(self):
+
+    def exp(self):              # y = eᵃ  ->  da = dy * y
         y = np.exp(self.data)
         return Tensor(y, (self,), lambda g: (g * y,))
-    # y = log a  ->  da = dy / a
-    def log(self):
+
+    def log(self):              # y = log a  ->  da = dy / a
         return Tensor(np.log(self.data), (self,), lambda g: (g / self.data,))
-    # y = tanh a  ->  da = dy * (1 - y²)
-    def tanh(self):
+
+    def tanh(self):             # y = tanh a  ->  da = dy * (1 - y²)
         y = np.tanh(self.data)
         return Tensor(y, (self,), lambda g: (g * (1 - y * y),))
-    # y = Σ a over axis  ->  da = dy copied back along the summed axes
-    def sum(self, axis=None, keepdims=False):
+
+    def sum(self, axis=None, keepdims=False):   # y = Σ a  ->  da = dy copied along the axes
         def backward(g):
             g = g if axis is None or keepdims else np.expand_dims(g, axis)
             return (np.broadcast_to(g, self.shape),)
         return Tensor(self.data.sum(axis=axis, keepdims=keepdims), (self,), backward)
-    # y = a with a new shape  ->  da = dy with a's shape
-    def reshape(self, *shape):
+
+    def reshape(self, *shape):  # da = dy in a's shape
         return Tensor(self.data.reshape(*shape), (self,), lambda g: (g.reshape(self.shape),))
-    # y = a with its axes permuted  ->  da = dy with the inverse permutation
-    def transpose(self, *axes):
+
+    def transpose(self, *axes):  # da = dy with the axes put back (the inverse permutation)
         axes = axes or tuple(reversed(range(self.data.ndim)))
         return Tensor(self.data.transpose(axes), (self,), lambda g: (g.transpose(np.argsort(axes)),))
-    # y = a[idx]  ->  da = zeros with dy added at idx (np.add.at, because an index that
-    # repeats, like the same token twice in a batch, must add up rather than overwrite)
-    def __getitem__(self, idx):
-        def backward(g):
+
+    def __getitem__(self, idx):  # y = a[idx]  ->  da = zeros, with dy added at idx
+        def backward(g):         # np.add.at: a repeated index (a token seen twice) must add up
             da = np.zeros_like(self.data)
             np.add.at(da, idx, g)
             return (da,)
         return Tensor(self.data[idx], (self,), backward)
-    # y = value where mask, else a  ->  da = dy where not mask (a filled entry is a constant)
-    def masked_fill(self, mask, value):
+
+    def masked_fill(self, mask, value):   # y = value where mask, else a  ->  da = dy where not
         return Tensor(np.where(mask, self.data.dtype.type(value), self.data), (self,),
                       lambda g: (np.where(mask, 0, g),))
+
     # the rest is built from the ops above, so it needs no backward of its own
     def __neg__(self): return self * -1.0
     def __sub__(self, other): return self + (-self._lift(other))
@@ -240,6 +240,7 @@ class Linear(Module):         # y = x Wᵀ + b, W (out, in)
     def __init__(self, weight, bias=None):
         self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
+
     def __call__(self, x):
         y = x @ self.weight.T
         return y if self.bias is None else y + self.bias
@@ -248,14 +249,13 @@ class LayerNorm(Module):
     def __init__(self, n, dtype):
         self.weight = Tensor(np.ones(n, dtype), requires_grad=True)
         self.bias = Tensor(np.zeros(n, dtype), requires_grad=True)
+
     def __call__(self, x):
         return layer_norm(x, self.weight, self.bias)
 
-class Embedding(Module):
-    def __init__(self, weight):
-        self.weight = weight
-    def __call__(self, ids):
-        return self.weight[ids]   # one row per id: a gather (getitem)
+class Embedding(Module):      # one row per id: a gather (getitem)
+    def __init__(self, weight): self.weight = weight
+    def __call__(self, ids): return self.weight[ids]
 
 class GPT:
     """idx (B, T) int ids -> logits (B, T, V), and the mean cross-entropy given targets."""
@@ -266,7 +266,8 @@ class GPT:
         def normal(*shape, std=0.02):       # GPT-2's init: N(0, 0.02), zero biases
             return Tensor(rng.normal(0.0, std, shape).astype(dtype), requires_grad=True)
         def linear(n_out, n_in, std=0.02):
-            return Linear(normal(n_out, n_in, std=std), Tensor(np.zeros(n_out, dtype), requires_grad=True))
+            return Linear(normal(n_out, n_in, std=std),
+                          Tensor(np.zeros(n_out, dtype), requires_grad=True))
         # residual projections get std 0.02/√(2L), so that the residual stream's variance
         # does not grow with depth (two additions per block)
         proj = 0.02 / math.sqrt(2 * L)
@@ -315,15 +316,13 @@ class GPT:
         for h in (f"transformer.h.{i}" for i in range(self.cfg.n_layer)):
             x = x + self.attention(h, m[f"{h}.ln_1"](x))
             x = x + m[f"{h}.mlp.c_proj"](gelu(m[f"{h}.mlp.c_fc"](m[f"{h}.ln_2"](x))))
-        x = m["transformer.ln_f"](x)
-        logits = x @ m["transformer.wte"].weight.T                      # (B, T, V): tied head
+        logits = m["transformer.ln_f"](x) @ m["transformer.wte"].weight.T   # (B, T, V): tied
         if targets is None:
             return logits, None
         return logits, cross_entropy(logits.reshape(B * T, -1), np.reshape(targets, -1))
 
 if MAIN:   # the whole model against finite differences, at toy size in float64
-    tiny = GPT(GPTConfig(vocab_size=11, block_size=5, n_layer=1, n_head=2, n_embd=8),
-               dtype=np.float64)
+    tiny = GPT(GPTConfig(vocab_size=11, block_size=5, n_layer=1, n_head=2, n_embd=8), dtype=np.float64)
     ids = np.random.default_rng(1).integers(0, 11, (2, 5))
     err = gradcheck(lambda *p: tiny(ids[:, :-1], ids[:, 1:])[1], tiny.parameters())
     print(f"the whole GPT, every parameter: max relative error {err:.2e}")
@@ -364,35 +363,30 @@ class AdamW:
         p ← p − lr · m̂ / (√v̂ + ε),   m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ)
     (m and v start at 0, so their early averages are too small by exactly those factors).
     Only matrices decay (ndim >= 2); biases and layer-norm gains do not (GPT-2 practice)."""
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         self.params = [p for p in params if p.requires_grad]
-        self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
-        self.state = [dict(step=0, m=np.zeros_like(p.data), v=np.zeros_like(p.data))
-                      for p in self.params]
+        self.lr, (self.b1, self.b2), self.eps, self.wd, self.t = lr, betas, eps, weight_decay, 0
+        self.m = [np.zeros_like(p.data) for p in self.params]
+        self.v = [np.zeros_like(p.data) for p in self.params]
 
     def zero_grad(self):
         for p in self.params:
             p.grad = None
 
     def step(self):
-        lr, b1, b2 = self.lr, self.b1, self.b2
-        for p, s in zip(self.params, self.state):
-            if p.grad is None:
-                continue
-            s["step"] += 1
-            t, g, m, v = s["step"], p.grad, s["m"], s["v"]
+        self.t += 1
+        lr, b1, b2, t = self.lr, self.b1, self.b2, self.t
+        for p, m, v in zip(self.params, self.m, self.v):
             if self.wd and p.data.ndim >= 2:
                 p.data *= 1.0 - lr * self.wd
-            m *= b1
-            m += g * (1 - b1)
-            v *= b2
-            v += (g * g) * (1 - b2)
+            m[:] = b1 * m + (1 - b1) * p.grad
+            v[:] = b2 * v + (1 - b2) * (p.grad * p.grad)
             denom = np.sqrt(v) * (1.0 / math.sqrt(1 - b2 ** t)) + self.eps   # √v̂ + ε
             p.data -= (lr / (1 - b1 ** t)) * (m / denom)
 
 def train(model, data, steps, lr, batch_size, seed=0, weight_decay=0.0, log=0):
-    opt = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    rng = np.random.default_rng(seed)
+    opt, rng = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay), np.random.default_rng(seed)
     for step in range(steps):
         _, loss = model(*get_batch(data, batch_size, model.cfg.block_size, rng))
         opt.zero_grad()
@@ -400,6 +394,7 @@ def train(model, data, steps, lr, batch_size, seed=0, weight_decay=0.0, log=0):
         opt.step()
         if log and (step % log == 0 or step == steps - 1):
             print(f"  step {step:4d}  loss {float(loss.data):.3f}")
+    return model
 
 def evaluate(model, data, batch_size, batches=4, seed=1234):
     """Mean loss on fixed batches (the same seed, so every model sees the same ones)."""
@@ -407,27 +402,23 @@ def evaluate(model, data, batch_size, batches=4, seed=1234):
     return float(np.mean([model(*get_batch(data, batch_size, model.cfg.block_size, rng))[1].data
                           for _ in range(batches)]))
 
-def clone(model):
-    """A fresh GPT with the same weights (all trainable, no adapters)."""
-    other = GPT(model.cfg, dtype=model.dtype)
-    other.load_state_dict(model.state_dict())
-    return other
-
 if MAIN:
-    S = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch=8, pretrain=120, tune=40) \
-        if ARGS.quick else \
-        dict(n_layer=2, n_head=4, n_embd=64, block_size=32, batch=16, pretrain=600, tune=200)
+    S = (dict(n_head=2, n_embd=32, batch=8, pretrain=120, tune=40) if ARGS.quick else
+         dict(n_head=4, n_embd=64, batch=16, pretrain=600, tune=200))
     prose, code = load_texts(ARGS.text)
-    base_data, code_data = encode(prose), encode(code)
+    code_data = encode(code)
     tune_data, val_data = np.split(code_data, [int(0.9 * len(code_data))])
-    cfg = GPTConfig(len(VOCAB), S["block_size"], S["n_layer"], S["n_head"], S["n_embd"])
-    base = GPT(cfg, seed=ARGS.seed)
+    cfg = GPTConfig(len(VOCAB), block_size=32, n_layer=2, n_head=S["n_head"], n_embd=S["n_embd"])
     print(f"pretraining on {len(prose):,} characters of docstrings")
-    train(base, base_data, S["pretrain"], 2e-3, S["batch"], ARGS.seed, 0.01, S["pretrain"] // 4)
+    base = train(GPT(cfg, seed=ARGS.seed), encode(prose), S["pretrain"], 2e-3, S["batch"],
+                 ARGS.seed, weight_decay=0.01, log=S["pretrain"] // 4)
     val_base = evaluate(base, val_data, S["batch"])
     print(f"the base model's loss on held-out Python: {val_base:.3f}\nfull fine-tuning on Python")
-    full = clone(base)
-    train(full, tune_data, S["tune"], 1e-3, S["batch"], ARGS.seed + 1, log=S["tune"] // 2)
+
+    def finetune(model, lr):   # the same steps and batches for full, LoRA and QLoRA
+        return train(model, tune_data, S["tune"], lr, S["batch"], ARGS.seed + 1, log=S["tune"] // 2)
+
+    full = finetune(copy.deepcopy(base), 1e-3)    # a copy: every weight trainable
 
 # %% 5. LoRA
 # Freeze the pretrained W (d × k) and learn its update as ΔW = B·A, B (d × r), A (r × k):
@@ -438,20 +429,21 @@ if MAIN:
 
 class LoRALinear(Module):
     """A frozen base layer plus a trainable low-rank update; A Kaiming-uniform, B zero."""
-    def __init__(self, base, r=8, alpha=16, rng=None, init="lora"):
-        self.base, self.r, self.scale = base, r, alpha / r
-        self.out_features, self.in_features = base.out_features, base.in_features
+
+    def __init__(self, base, r, alpha, rng, init="lora"):
+        self.base, self.scale = base, alpha / r
         for t in base.params().values():
             t.requires_grad = False
-        rng, bound = rng or np.random.default_rng(0), 1 / math.sqrt(self.in_features)
-        A = rng.uniform(-bound, bound, (r, self.in_features))   # PyTorch Linear's init (a=√5)
-        B = np.zeros((self.out_features, r))       # B = 0: the model starts exactly as the base
-        if init == "zeros":                        # the two other inits, for the experiment below
+        bound = 1 / math.sqrt(base.in_features)                 # PyTorch Linear's init (a=√5)
+        A = rng.uniform(-bound, bound, (r, base.in_features))
+        B = np.zeros((base.out_features, r))      # B = 0: the model starts exactly as the base
+        if init == "zeros":                       # the two other inits, for the experiment below
             A = np.zeros_like(A)
         elif init == "random":
             B = rng.uniform(-1 / math.sqrt(r), 1 / math.sqrt(r), B.shape)
-        self.lora_A, self.lora_B = (Tensor(M.astype(base.weight.data.dtype), requires_grad=True)
-                                    for M in (A, B))
+        dtype = base.weight.data.dtype
+        self.lora_A = Tensor(A.astype(dtype), requires_grad=True)
+        self.lora_B = Tensor(B.astype(dtype), requires_grad=True)
 
     def __call__(self, x):
         return self.base(x) + (x @ self.lora_A.T) @ self.lora_B.T * self.scale
@@ -466,14 +458,13 @@ class LoRALinear(Module):
 
 TARGETS = ("c_attn", "c_proj", "c_fc")      # attention and MLP linears, by PEFT's rule
 
-def add_lora(model, r=8, alpha=16, seed=0, init="lora", targets=TARGETS):
+def add_lora(model, r=8, alpha=16, seed=0, init="lora"):
     """Freeze every parameter of model, then wrap each targeted Linear in a LoRALinear."""
     rng = np.random.default_rng(seed)
-    for t in model.named_parameters().values():
-        t.requires_grad = False
-    for path, mod in list(model.modules.items()):
-        if path.rsplit(".", 1)[-1] in targets:
-            model.modules[path] = LoRALinear(mod, r, alpha, rng, init)
+    for t in model.parameters():
+        t.requires_grad, t.grad = False, None
+    for path in [p for p in model.modules if p.rsplit(".", 1)[-1] in TARGETS]:
+        model.modules[path] = LoRALinear(model.modules[path], r, alpha, rng, init)
     return model
 
 def merged(model):
@@ -484,44 +475,42 @@ def merged(model):
 
 def count(model):
     """(trainable, all) parameters; a 4-bit weight (section 6) counts as its float values."""
-    bases = [getattr(m, "base", m) for m in model.modules.values()]
-    n_all = sum(t.data.size for t in model.named_parameters().values()) + \
-        sum(m.out_features * m.in_features for m in bases if hasattr(m, "packed"))
+    n_all = sum(t.data.size for t in model.named_parameters().values())
+    n_all += sum(m.base.weight_size for m in model.modules.values()
+                 if hasattr(getattr(m, "base", None), "packed"))
     return sum(t.data.size for t in model.parameters()), n_all
 
 def why_b_starts_at_zero(base, x, y, init):
-    """|dA|, |dB| over all adapters at steps 0 and 1; the loss change at step 0 vs the base."""
-    model = add_lora(clone(base), init=init)
-    opt, norms = AdamW(model.parameters(), lr=1e-2, weight_decay=0.0), []
+    """|dA|, |dB| (all adapters) at steps 0 and 1, then the step-0 loss minus the base's."""
+    model = add_lora(copy.deepcopy(base), init=init)
+    opt, row = AdamW(model.parameters(), lr=1e-2, weight_decay=0.0), []
     for step in range(2):
         _, loss = model(x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        norms += [math.sqrt(sum(float((t.grad ** 2).sum()) for k, t in
-                                model.named_parameters().items() if w in k)) for w in ("lora_A", "lora_B")]
-        if step == 0:
-            change = float(loss.data) - float(base(x, y)[1].data)
-    return norms + [change]
+        grads = [(k, t.grad) for k, t in model.named_parameters().items() if t.requires_grad]
+        row += [math.sqrt(sum(float((g ** 2).sum()) for k, g in grads if ab in k)) for ab in "AB"]
+        row += [float(loss.data - base(x, y)[1].data)] if step == 0 else []
+    return row
 
 if MAIN:
     print("\nWhy does B start at zero, and how can it learn? |grad| summed over all adapters:")
     print(f"{'init':<24}{'|dA| step 0':>12}{'|dB| step 0':>12}{'|dA| step 1':>12}"
           f"{'|dB| step 1':>12}{'loss - base at step 0':>23}")
-    names = {"lora": "A random, B = 0 (LoRA)", "zeros": "A = 0, B = 0", "random": "A, B random"}
     x, y = get_batch(tune_data, S["batch"], cfg.block_size, np.random.default_rng(0))
-    for init in names:
-        *norms, change = why_b_starts_at_zero(base, x, y, init)
-        print(f"{names[init]:<24}" + "".join(f"{v:>12.2e}" for v in norms) + f"{change:>+23.4f}")
+    for init, name in [("lora", "A random, B = 0 (LoRA)"), ("zeros", "A = 0, B = 0"),
+                       ("random", "A, B random")]:
+        dA0, dB0, change, dA1, dB1 = why_b_starts_at_zero(base, x, y, init)
+        print(f"{name:<24}" + "".join(f"{v:>12.2e}" for v in (dA0, dB0, dA1, dB1)) + f"{change:>+23.4f}")
     print("-> with B = 0, dA = s·(dy B)ᵀ x = 0 but dB = s·dyᵀ (x Aᵀ) != 0: B moves first, then A\n"
           "   gets a gradient too. With both zero, both gradients stay zero forever; with both\n"
           "   random, the model has changed before any training.")
-    lora_model = add_lora(clone(base), r=8, alpha=16, seed=ARGS.seed)
+    lora_model = add_lora(copy.deepcopy(base), r=8, alpha=16, seed=ARGS.seed)
     n_train, n_all = count(lora_model)
     print(f"\nLoRA r=8, alpha=16 on {', '.join(TARGETS)}: trainable {n_train:,} of {n_all:,} "
           f"({100 * n_train / n_all:.2f}%)")
-    train(lora_model, tune_data, S["tune"], 8e-3, S["batch"], ARGS.seed + 1, log=S["tune"] // 2)
-    frozen = [t for t in lora_model.named_parameters().values() if not t.requires_grad]
+    frozen = [t for t in finetune(lora_model, 8e-3).named_parameters().values() if not t.requires_grad]
     assert all(t.grad is None for t in frozen)
     print(f"no dW: after {S['tune']} steps, none of the {len(frozen)} frozen tensors has a gradient")
     xb, _ = get_batch(val_data, 2, cfg.block_size, np.random.default_rng(0))
@@ -538,18 +527,16 @@ if MAIN:
 
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
                 -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-                0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
-                0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-                0.7229568362236023, 1.0], np.float32)
+                0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
 
 def nf4_from_quantiles():
-    """The outermost probability cannot be 1 (its quantile is infinite): QLoRA takes the
-    midpoints of the last of 16 and of 15 equal-probability bins, averaged."""
-    Q, off = statistics.NormalDist().inv_cdf, 1 - (1 / 32 + 1 / 30) / 2
-    pos = [Q(off + (0.5 - off) * i / 8) for i in range(8)]      # 9 points off..0.5, 0.5 dropped
-    neg = [-Q(off + (0.5 - off) * i / 7) for i in range(7)]     # 8 points, 0.5 dropped
-    v = np.sort(np.array(pos + [0.0] + neg))
-    return v / v.max()
+    """Normal quantiles at 8 (and 7) evenly spaced probabilities from 0.5 to `top`, as the
+    positive (negative) levels, with 0, scaled to [-1, 1]. `top` cannot be 1 (its quantile is
+    infinite): QLoRA takes the midpoints of the last of 16 and of 15 equal bins, averaged."""
+    Q, top = statistics.NormalDist().inv_cdf, 1 - (1 / 32 + 1 / 30) / 2
+    v = np.array([s * Q(top + (0.5 - top) * i / n) for n, s in ((8, 1), (7, -1)) for i in range(n)])
+    return np.sort(np.append(v, 0.0)) / v.max()
 
 def linspace32(a, b, num):
     """float32 points, each rounded once from the nearer end (torch.linspace, which made
@@ -603,36 +590,36 @@ def nf4_dequantize(packed, st):
     codes, n = np.stack([packed >> 4, packed & 15], axis=1).reshape(-1), math.prod(st["shape"])
     return (NF4[codes[:n]] * np.repeat(scales, st["blocksize"])[:n]).reshape(st["shape"])
 
-class Linear4bit(Module):
+class Linear4bit(Linear):
     """A frozen Linear whose W lives as NF4 bytes, dequantized at each forward (QLoRA)."""
+
     def __init__(self, linear):
-        self.dtype, self.bias = linear.weight.data.dtype, linear.bias
+        self.dtype, self.bias, self.weight_size = linear.weight.data.dtype, linear.bias, linear.weight.data.size
         self.out_features, self.in_features = linear.out_features, linear.in_features
         self.packed, self.state = nf4_quantize(linear.weight.data)
+
     @property
-    def weight(self):                       # a constant: no gradient ever flows into it
+    def weight(self):   # a constant: no gradient ever flows into it
         return Tensor(nf4_dequantize(self.packed, self.state).astype(self.dtype))
-    def __call__(self, x):
-        return Linear(self.weight, self.bias)(x)
-    def nbytes(self):                       # codes, 8-bit scales, their scales, the offset
-        return self.packed.nbytes + self.state["absmax"].nbytes + self.state["nested_absmax"].nbytes + 4
+
+    def nbytes(self):   # codes, 8-bit scales, their float32 scales, the offset
+        st = self.state
+        return self.packed.nbytes + st["absmax"].nbytes + st["nested_absmax"].nbytes + 4
 
 if MAIN:
     print(f"\nNF4 levels from the normal quantiles vs the stored table: max difference "
           f"{np.abs(nf4_from_quantiles() - NF4).max():.1e}")
-    qlora_model = clone(base)
-    for path in [p for p in qlora_model.modules if p.rsplit(".", 1)[-1] in TARGETS]:
-        qlora_model.modules[path] = Linear4bit(qlora_model.modules[path])
-    add_lora(qlora_model, r=8, alpha=16, seed=ARGS.seed)
-    q4 = [m.base for m in qlora_model.modules.values() if isinstance(m, LoRALinear)]
-    n_w, q_bytes = sum(m.out_features * m.in_features for m in q4), sum(m.nbytes() for m in q4)
+    qlora_model = copy.deepcopy(base)
+    q4 = {p: Linear4bit(m) for p, m in qlora_model.modules.items() if p.rsplit(".", 1)[-1] in TARGETS}
+    qlora_model.modules.update(q4)
+    n_w, q_bytes = sum(m.weight_size for m in q4.values()), sum(m.nbytes() for m in q4.values())
     print(f"4-bit base: {q_bytes:,} bytes for {n_w:,} weights: {q_bytes / n_w:.4f} bytes "
           f"({8 * q_bytes / n_w:.3f} bits) per parameter, against 4 bytes in float32")
     w0 = base.modules["transformer.h.0.mlp.c_fc"].weight.data
     err = np.abs(nf4_dequantize(*nf4_quantize(w0)) - w0).mean() / np.abs(w0).mean()
     print(f"NF4 round trip of one weight matrix: mean relative error {err:.3f}\n"
           "QLoRA fine-tuning (LoRA on the 4-bit base)")
-    train(qlora_model, tune_data, S["tune"], 8e-3, S["batch"], ARGS.seed + 1, log=S["tune"] // 2)
+    finetune(add_lora(qlora_model, r=8, alpha=16, seed=ARGS.seed), 8e-3)
 
 # %% 7. The adapter file
 # PEFT's layout: a folder with adapter_config.json (the LoRA settings) and
@@ -655,12 +642,12 @@ def save_safetensors(path, tensors, metadata=None):
     os.replace(f"{path}.tmp", path)
     return os.path.getsize(path)
 
-def save_adapter(model, folder, r=8, alpha=16, targets=TARGETS):
+def save_adapter(model, folder, r=8, alpha=16):
     """Tensor names are base_model.model.<module path>.lora_A.weight (and lora_B), as PEFT's."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
-                   "lora_dropout": 0.0, "target_modules": list(targets), "bias": "none",
+                   "lora_dropout": 0.0, "target_modules": list(TARGETS), "bias": "none",
                    "fan_in_fan_out": False,  # our W is (out, in); HF's GPT-2 Conv1D needs True
                    "use_rslora": False, "use_dora": False, "init_lora_weights": True,
                    "modules_to_save": None, "inference_mode": True}, f, indent=2)
@@ -683,11 +670,10 @@ if MAIN:
 # The same base, data, steps and batches for each method; validation loss on held-out code.
 
 if MAIN:
-    dense = 4 * n_w
     print(f"\n{'method':<18}{'trainable':>11}{'share':>9}{'val loss':>10}{'saved file':>14}"
           f"{'frozen targeted W':>19}\n{'base model':<38}{val_base:>10.3f}")
     for name, model, size, frozen_w in [("full fine-tuning", full, full_size, "-"),
-                                        ("LoRA", lora_model, lora_size, f"{dense:,} B"),
+                                        ("LoRA", lora_model, lora_size, f"{4 * n_w:,} B"),
                                         ("QLoRA", qlora_model, qlora_size, f"{q_bytes:,} B")]:
         n_train, n_all = count(model)
         print(f"{name:<18}{n_train:>11,}{100 * n_train / n_all:>8.2f}%"
