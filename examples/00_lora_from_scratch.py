@@ -2,7 +2,7 @@
 
 Read it top to bottom, one `# %%` cell per step (it opens as a notebook in Jupyter or VS Code):
 autograd, its gradient check, a GPT, AdamW, LoRA, QLoRA, the adapter file, the comparison.
-tests/test_one_file.py checks, number for number, that it computes what the tinylora package
+tests/test_one_file.py checks that it computes, number for number, what the tinylora package
 computes (loss, every gradient, AdamW steps, NF4 bytes, the adapter file).
 
     python examples/00_lora_from_scratch.py [--quick] [--text file_to_fine_tune_on.py]
@@ -18,18 +18,16 @@ if MAIN:
     p.add_argument("--quick", action="store_true", help="tiny settings: runs in seconds")
     p.add_argument("--text", help="a text file to fine-tune on (default: the source of argparse)")
     p.add_argument("--out", default="lora_from_scratch_out", help="folder for the written files")
-    p.add_argument("--seed", type=int, default=0)
     ARGS, T0 = p.parse_known_args()[0], time.time()   # known: Jupyter passes its own arguments
 
 # %% 1. Tensor and autograd
 # A Tensor holds an array (.data), its gradient (.grad, filled by backward) and how it was
-# made: its parents and a function mapping the output's gradient to one gradient per parent
-# (None for a parent that needs none). backward() walks the graph in reverse topological
-# order, so a node's gradient is complete (every use has added its share) before it is passed on.
+# made: its parents and a function from the output's gradient to one gradient per parent.
+# backward() visits the graph in reverse topological order: a node's gradient is complete
+# (each use of it has added its share) before it is passed on to the node's parents.
 
 def unbroadcast(g, shape):
-    """Sum g back to `shape`. A broadcast input was used once per copy, so its gradient
-    is the sum over the copies (the multivariable chain rule)."""
+    """Sum g back to `shape`: a broadcast input is used once per copy; its gradient sums them."""
     while g.ndim > len(shape):
         g = g.sum(axis=0)
     for i, n in enumerate(shape):
@@ -41,8 +39,7 @@ class Tensor:
     def __init__(self, data, parents=(), backward=None, requires_grad=False):
         self.data, self.grad = np.asarray(data), None
         self.requires_grad = requires_grad or any(p.requires_grad for p in parents)
-        # a graph is kept only where a gradient will flow: constants and frozen weights
-        # make plain values, not nodes
+        # a graph only where a gradient will flow: constants and frozen weights stay values
         self.parents = tuple(parents) if self.requires_grad else ()
         self._backward = backward if self.requires_grad else None
 
@@ -64,9 +61,9 @@ class Tensor:
     def __pow__(self, k):       # y = aᵏ (k a number)  ->  da = dy * k·aᵏ⁻¹
         return Tensor(self.data ** k, (self,), lambda g: (g * k * self.data ** (k - 1),))
 
-    def __matmul__(self, other):   # y = a @ b (batched over leading axes)
+    def __matmul__(self, other):   # y = a @ b (batched)  ->  da = dy @ bᵀ,  db = aᵀ @ dy
         a, b = self, self._lift(other)
-        def backward(g):           # da = dy @ bᵀ, db = aᵀ @ dy; frozen W: LoRA never forms dW
+        def backward(g):           # a frozen input gets None: LoRA never forms dW
             return (g @ b.data.swapaxes(-1, -2) if a.requires_grad else None,
                     a.data.swapaxes(-1, -2) @ g if b.requires_grad else None)
         return Tensor(a.data @ b.data, (a, b), backward)
@@ -88,10 +85,10 @@ class Tensor:
             return (np.broadcast_to(g, self.shape),)
         return Tensor(self.data.sum(axis=axis, keepdims=keepdims), (self,), backward)
 
-    def reshape(self, *shape):  # da = dy in a's shape
+    def reshape(self, *shape):  # y = a in a new shape  ->  da = dy in a's shape
         return Tensor(self.data.reshape(*shape), (self,), lambda g: (g.reshape(self.shape),))
 
-    def transpose(self, *axes):  # da = dy with the axes put back (the inverse permutation)
+    def transpose(self, *axes):  # y = a, axes permuted  ->  da = dy, the inverse permutation
         axes = axes or tuple(reversed(range(self.data.ndim)))
         return Tensor(self.data.transpose(axes), (self,), lambda g: (g.transpose(np.argsort(axes)),))
 
@@ -128,9 +125,7 @@ class Tensor:
                 stack += [(t, True)] + [(p, False) for p in t.parents]
         self.grad = np.ones_like(self.data)
         for t in reversed(order):           # the loss first; each node after all its users
-            if t._backward is None or t.grad is None:
-                continue
-            for p, g in zip(t.parents, t._backward(t.grad)):
+            for p, g in zip(t.parents, t._backward(t.grad) if t.parents else ()):
                 if g is not None and p.requires_grad:
                     g = unbroadcast(g, p.shape)
                     p.grad = g if p.grad is None else p.grad + g
@@ -158,15 +153,13 @@ def gelu(x):
     return 0.5 * x * (1 + (math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)).tanh())
 
 # %% 2. Gradient check
-# Every backward above is a hand-derived formula; central differences check it with no
-# formula at all: df/dx ≈ (f(x + h) - f(x - h)) / 2h, error O(h²), in float64 where h = 1e-6
-# leaves ~10 correct digits. Each op's output is reduced to a scalar by a random weighting,
-# so that every output entry's gradient matters.
+# Each backward above is a hand-derived formula; central differences check it with none:
+# df/dx ≈ (f(x + h) - f(x - h)) / 2h, error O(h²); in float64, h = 1e-6 leaves ~10 digits.
+# Each op's output is reduced to a scalar by random weights, so every entry's gradient counts.
 
 def gradcheck(f, inputs, h=1e-6, probes=6, seed=0, floor=1e-3):
-    """Largest |numerical - backward's| / max(|numerical| + |backward's|, floor) over the
-    gradients of scalar f(*inputs): relative, except below the floor, where the loss's
-    float64 rounding (~1e-10 absolute) blurs finite differences."""
+    """Worst |numerical - backward's| / max(|numerical| + |backward's|, floor) over `probes`
+    entries of each input of scalar f; below the floor, f's rounding blurs the differences."""
     rng, worst = np.random.default_rng(seed), 0.0
     for t in inputs:
         t.grad = None
@@ -204,19 +197,17 @@ def gradcheck_table(seed=0):
         ("layer_norm", layer_norm, [(3, 6), (6,), (6,)], False),
         ("gelu", gelu, [(3, 4)], False),
     ]
-    rows = []
+    print(f"{'op':<20} {'max relative error':>20}")
     for name, fn, shapes, positive in cases:
         xs = [Tensor(rng.uniform(0.5, 1.5, s) if positive else rng.normal(size=s),
                      requires_grad=True) for s in shapes]
         w = rng.normal(size=np.shape(fn(*xs).data))        # f = Σ w ⊙ op(x): a scalar
-        rows.append((name, gradcheck(lambda *a: (fn(*a) * w).sum(), xs)))
-    return rows
-
-if MAIN:
-    print(f"{'op':<20} {'max relative error':>20}")
-    for name, err in gradcheck_table():
+        err = gradcheck(lambda *a: (fn(*a) * w).sum(), xs)
         print(f"{name:<20} {err:>20.2e}  {'ok' if err < 1e-6 else 'FAILED'}")
         assert err < 1e-6, name
+
+if MAIN:
+    gradcheck_table()
 
 # %% 3. A tiny GPT
 # GPT-2's architecture at toy size, with GPT-2's parameter names and PyTorch's layouts
@@ -289,9 +280,6 @@ class GPT:
     def parameters(self):                   # the trainable ones
         return [t for t in self.named_parameters().values() if t.requires_grad]
 
-    def state_dict(self):
-        return {k: t.data for k, t in self.named_parameters().items()}
-
     def load_state_dict(self, arrays):
         for k, t in self.named_parameters().items():
             if k not in arrays or np.shape(arrays[k]) != t.shape:
@@ -322,7 +310,7 @@ class GPT:
         return logits, cross_entropy(logits.reshape(B * T, -1), np.reshape(targets, -1))
 
 if MAIN:   # the whole model against finite differences, at toy size in float64
-    tiny = GPT(GPTConfig(vocab_size=11, block_size=5, n_layer=1, n_head=2, n_embd=8), dtype=np.float64)
+    tiny = GPT(GPTConfig(vocab_size=11, block_size=5, n_layer=1, n_head=2, n_embd=8), 0, np.float64)
     ids = np.random.default_rng(1).integers(0, 11, (2, 5))
     err = gradcheck(lambda *p: tiny(ids[:, :-1], ids[:, 1:])[1], tiny.parameters())
     print(f"the whole GPT, every parameter: max relative error {err:.2e}")
@@ -352,10 +340,9 @@ def load_texts(path=None):
         return "\n\n".join(d for d in docs if d), f.read()
 
 def get_batch(data, batch_size, block_size, rng):
-    """Random windows of the text: inputs x (B, T) and next-character targets y (B, T)."""
-    i = rng.integers(0, len(data) - block_size - 1, batch_size)
-    return (np.stack([data[j:j + block_size] for j in i]),
-            np.stack([data[j + 1:j + block_size + 1] for j in i]))
+    """Random windows of the text: inputs x (B, T) and their next characters y (B, T)."""
+    w = np.stack([data[i:i + block_size + 1] for i in rng.integers(0, len(data) - block_size - 1, batch_size)])
+    return w[:, :-1], w[:, 1:]
 
 class AdamW:
     """Adam with decoupled weight decay (Loshchilov & Hutter), as torch and tinylora.optim:
@@ -386,7 +373,8 @@ class AdamW:
             p.data -= (lr / (1 - b1 ** t)) * (m / denom)
 
 def train(model, data, steps, lr, batch_size, seed=0, weight_decay=0.0, log=0):
-    opt, rng = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay), np.random.default_rng(seed)
+    opt = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    rng = np.random.default_rng(seed)
     for step in range(steps):
         _, loss = model(*get_batch(data, batch_size, model.cfg.block_size, rng))
         opt.zero_grad()
@@ -396,9 +384,9 @@ def train(model, data, steps, lr, batch_size, seed=0, weight_decay=0.0, log=0):
             print(f"  step {step:4d}  loss {float(loss.data):.3f}")
     return model
 
-def evaluate(model, data, batch_size, batches=4, seed=1234):
-    """Mean loss on fixed batches (the same seed, so every model sees the same ones)."""
-    rng = np.random.default_rng(seed)
+def evaluate(model, data, batch_size, batches=4):
+    """Mean loss on fixed batches (a fixed seed: every model sees the same ones)."""
+    rng = np.random.default_rng(1234)
     return float(np.mean([model(*get_batch(data, batch_size, model.cfg.block_size, rng))[1].data
                           for _ in range(batches)]))
 
@@ -406,17 +394,16 @@ if MAIN:
     S = (dict(n_head=2, n_embd=32, batch=8, pretrain=120, tune=40) if ARGS.quick else
          dict(n_head=4, n_embd=64, batch=16, pretrain=600, tune=200))
     prose, code = load_texts(ARGS.text)
-    code_data = encode(code)
-    tune_data, val_data = np.split(code_data, [int(0.9 * len(code_data))])
+    tune_data, val_data = np.split(encode(code), [int(0.9 * len(code))])   # 10% held out
     cfg = GPTConfig(len(VOCAB), block_size=32, n_layer=2, n_head=S["n_head"], n_embd=S["n_embd"])
     print(f"pretraining on {len(prose):,} characters of docstrings")
-    base = train(GPT(cfg, seed=ARGS.seed), encode(prose), S["pretrain"], 2e-3, S["batch"],
-                 ARGS.seed, weight_decay=0.01, log=S["pretrain"] // 4)
+    base = train(GPT(cfg, seed=0), encode(prose), S["pretrain"], 2e-3, S["batch"], seed=0,
+                 weight_decay=0.01, log=S["pretrain"] // 4)
     val_base = evaluate(base, val_data, S["batch"])
     print(f"the base model's loss on held-out Python: {val_base:.3f}\nfull fine-tuning on Python")
 
     def finetune(model, lr):   # the same steps and batches for full, LoRA and QLoRA
-        return train(model, tune_data, S["tune"], lr, S["batch"], ARGS.seed + 1, log=S["tune"] // 2)
+        return train(model, tune_data, S["tune"], lr, S["batch"], seed=1, log=S["tune"] // 2)
 
     full = finetune(copy.deepcopy(base), 1e-3)    # a copy: every weight trainable
 
@@ -441,9 +428,8 @@ class LoRALinear(Module):
             A = np.zeros_like(A)
         elif init == "random":
             B = rng.uniform(-1 / math.sqrt(r), 1 / math.sqrt(r), B.shape)
-        dtype = base.weight.data.dtype
-        self.lora_A = Tensor(A.astype(dtype), requires_grad=True)
-        self.lora_B = Tensor(B.astype(dtype), requires_grad=True)
+        self.lora_A, self.lora_B = (Tensor(M.astype(base.weight.data.dtype), requires_grad=True)
+                                    for M in (A, B))
 
     def __call__(self, x):
         return self.base(x) + (x @ self.lora_A.T) @ self.lora_B.T * self.scale
@@ -476,44 +462,44 @@ def merged(model):
 def count(model):
     """(trainable, all) parameters; a 4-bit weight (section 6) counts as its float values."""
     n_all = sum(t.data.size for t in model.named_parameters().values())
-    n_all += sum(m.base.weight_size for m in model.modules.values()
-                 if hasattr(getattr(m, "base", None), "packed"))
+    bases = [getattr(m, "base", m) for m in model.modules.values()]
+    n_all += sum(m.out_features * m.in_features for m in bases if hasattr(m, "packed"))
     return sum(t.data.size for t in model.parameters()), n_all
 
-def why_b_starts_at_zero(base, x, y, init):
-    """|dA|, |dB| (all adapters) at steps 0 and 1, then the step-0 loss minus the base's."""
-    model = add_lora(copy.deepcopy(base), init=init)
-    opt, row = AdamW(model.parameters(), lr=1e-2, weight_decay=0.0), []
-    for step in range(2):
-        _, loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        grads = [(k, t.grad) for k, t in model.named_parameters().items() if t.requires_grad]
-        row += [math.sqrt(sum(float((g ** 2).sum()) for k, g in grads if ab in k)) for ab in "AB"]
-        row += [float(loss.data - base(x, y)[1].data)] if step == 0 else []
-    return row
+def why_b_starts_at_zero(base, x, y):
+    """Two steps from each init: |dA| and |dB| over all adapters; the loss change at step 0."""
+    print(f"{'init':<24}{'|dA| step 0':>12}{'|dB| step 0':>12}{'|dA| step 1':>12}"
+          f"{'|dB| step 1':>12}{'loss - base at step 0':>23}")
+    for init, name in [("lora", "A random, B = 0 (LoRA)"), ("zeros", "A = 0, B = 0"),
+                       ("random", "A, B random")]:
+        model, norms = add_lora(copy.deepcopy(base), init=init), []
+        change = float(model(x, y)[1].data - base(x, y)[1].data)    # before any training
+        opt = AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        for step in range(2):
+            _, loss = model(x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            norms += [math.sqrt(sum(float((t.grad ** 2).sum()) for k, t in
+                                    model.named_parameters().items() if f"lora_{ab}" in k))
+                      for ab in "AB"]
+        print(f"{name:<24}" + "".join(f"{v:>12.2e}" for v in norms) + f"{change:>+23.4f}")
 
 if MAIN:
     print("\nWhy does B start at zero, and how can it learn? |grad| summed over all adapters:")
-    print(f"{'init':<24}{'|dA| step 0':>12}{'|dB| step 0':>12}{'|dA| step 1':>12}"
-          f"{'|dB| step 1':>12}{'loss - base at step 0':>23}")
-    x, y = get_batch(tune_data, S["batch"], cfg.block_size, np.random.default_rng(0))
-    for init, name in [("lora", "A random, B = 0 (LoRA)"), ("zeros", "A = 0, B = 0"),
-                       ("random", "A, B random")]:
-        dA0, dB0, change, dA1, dB1 = why_b_starts_at_zero(base, x, y, init)
-        print(f"{name:<24}" + "".join(f"{v:>12.2e}" for v in (dA0, dB0, dA1, dB1)) + f"{change:>+23.4f}")
+    why_b_starts_at_zero(base, *get_batch(tune_data, S["batch"], 32, np.random.default_rng(0)))
     print("-> with B = 0, dA = s·(dy B)ᵀ x = 0 but dB = s·dyᵀ (x Aᵀ) != 0: B moves first, then A\n"
           "   gets a gradient too. With both zero, both gradients stay zero forever; with both\n"
           "   random, the model has changed before any training.")
-    lora_model = add_lora(copy.deepcopy(base), r=8, alpha=16, seed=ARGS.seed)
+    lora_model = add_lora(copy.deepcopy(base), r=8, alpha=16)
     n_train, n_all = count(lora_model)
     print(f"\nLoRA r=8, alpha=16 on {', '.join(TARGETS)}: trainable {n_train:,} of {n_all:,} "
           f"({100 * n_train / n_all:.2f}%)")
-    frozen = [t for t in finetune(lora_model, 8e-3).named_parameters().values() if not t.requires_grad]
+    finetune(lora_model, 8e-3)
+    frozen = [t for t in lora_model.named_parameters().values() if not t.requires_grad]
     assert all(t.grad is None for t in frozen)
     print(f"no dW: after {S['tune']} steps, none of the {len(frozen)} frozen tensors has a gradient")
-    xb, _ = get_batch(val_data, 2, cfg.block_size, np.random.default_rng(0))
+    xb, _ = get_batch(val_data, 2, 32, np.random.default_rng(0))
     gap = np.abs(lora_model(xb)[0].data - merged(lora_model)(xb)[0].data).max()
     print(f"merged W + (α/r)·B·A vs the adapter kept apart: max |logits difference| {gap:.1e}")
     assert gap < 1e-4
@@ -531,12 +517,12 @@ NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981
                 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
 
 def nf4_from_quantiles():
-    """Normal quantiles at 8 (and 7) evenly spaced probabilities from 0.5 to `top`, as the
-    positive (negative) levels, with 0, scaled to [-1, 1]. `top` cannot be 1 (its quantile is
-    infinite): QLoRA takes the midpoints of the last of 16 and of 15 equal bins, averaged."""
+    """Normal quantiles at 8 (and 7) evenly spaced probabilities from `top` to 0.5, as the
+    positive (negative) levels, and 0, scaled to [-1, 1]. `top` is not 1 (an infinite
+    quantile): QLoRA takes the midpoints of the last of 16 and of 15 equal bins, averaged."""
     Q, top = statistics.NormalDist().inv_cdf, 1 - (1 / 32 + 1 / 30) / 2
-    v = np.array([s * Q(top + (0.5 - top) * i / n) for n, s in ((8, 1), (7, -1)) for i in range(n)])
-    return np.sort(np.append(v, 0.0)) / v.max()
+    v = [s * Q(top + (0.5 - top) * i / n) for n, s in ((8, 1), (7, -1)) for i in range(n)]
+    return np.sort(v + [0.0]) / max(v)
 
 def linspace32(a, b, num):
     """float32 points, each rounded once from the nearer end (torch.linspace, which made
@@ -594,7 +580,7 @@ class Linear4bit(Linear):
     """A frozen Linear whose W lives as NF4 bytes, dequantized at each forward (QLoRA)."""
 
     def __init__(self, linear):
-        self.dtype, self.bias, self.weight_size = linear.weight.data.dtype, linear.bias, linear.weight.data.size
+        self.dtype, self.bias = linear.weight.data.dtype, linear.bias
         self.out_features, self.in_features = linear.out_features, linear.in_features
         self.packed, self.state = nf4_quantize(linear.weight.data)
 
@@ -609,17 +595,19 @@ class Linear4bit(Linear):
 if MAIN:
     print(f"\nNF4 levels from the normal quantiles vs the stored table: max difference "
           f"{np.abs(nf4_from_quantiles() - NF4).max():.1e}")
-    qlora_model = copy.deepcopy(base)
-    q4 = {p: Linear4bit(m) for p, m in qlora_model.modules.items() if p.rsplit(".", 1)[-1] in TARGETS}
+    qlora_model = copy.deepcopy(base)          # the same base, its targeted W now in 4 bits
+    q4 = {p: Linear4bit(m) for p, m in qlora_model.modules.items()
+          if p.rsplit(".", 1)[-1] in TARGETS}
     qlora_model.modules.update(q4)
-    n_w, q_bytes = sum(m.weight_size for m in q4.values()), sum(m.nbytes() for m in q4.values())
+    n_w = sum(m.out_features * m.in_features for m in q4.values())
+    q_bytes = sum(m.nbytes() for m in q4.values())
     print(f"4-bit base: {q_bytes:,} bytes for {n_w:,} weights: {q_bytes / n_w:.4f} bytes "
           f"({8 * q_bytes / n_w:.3f} bits) per parameter, against 4 bytes in float32")
     w0 = base.modules["transformer.h.0.mlp.c_fc"].weight.data
     err = np.abs(nf4_dequantize(*nf4_quantize(w0)) - w0).mean() / np.abs(w0).mean()
     print(f"NF4 round trip of one weight matrix: mean relative error {err:.3f}\n"
           "QLoRA fine-tuning (LoRA on the 4-bit base)")
-    finetune(add_lora(qlora_model, r=8, alpha=16, seed=ARGS.seed), 8e-3)
+    finetune(add_lora(qlora_model, r=8, alpha=16), 8e-3)
 
 # %% 7. The adapter file
 # PEFT's layout: a folder with adapter_config.json (the LoRA settings) and
@@ -627,14 +615,13 @@ if MAIN:
 # hand: 8 bytes (a little-endian u64) giving the header's length, the header (JSON: each
 # tensor's dtype, shape and byte range in the data), then the raw little-endian data.
 
-def save_safetensors(path, tensors, metadata=None):
-    header, offset = {}, 0
+def save_safetensors(path, tensors):
     arrays = {k: np.ascontiguousarray(v, "<f4") for k, v in sorted(tensors.items())}
+    header, offset = {}, 0
     for k, a in arrays.items():
         header[k] = dict(dtype="F32", shape=list(a.shape), data_offsets=[offset, offset + a.nbytes])
         offset += a.nbytes
-    if metadata:
-        header["__metadata__"] = metadata   # str -> str
+    header["__metadata__"] = {"format": "pt"}   # str -> str; "pt": torch's loaders accept it
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)           # pad with spaces: the data starts 8-byte aligned
     with open(f"{path}.tmp", "wb") as f:    # write beside, then rename: never half a file
@@ -653,14 +640,13 @@ def save_adapter(model, folder, r=8, alpha=16):
                    "modules_to_save": None, "inference_mode": True}, f, indent=2)
     tensors = {f"base_model.model.{path}.{k}": t.data for path, m in model.modules.items()
                if isinstance(m, LoRALinear) for k, t in m.params().items() if "lora_" in k}
-    return save_safetensors(os.path.join(folder, "adapter_model.safetensors"), tensors,
-                            {"format": "pt"})
+    return save_safetensors(os.path.join(folder, "adapter_model.safetensors"), tensors)
 
 if MAIN:
     lora_size = save_adapter(lora_model, os.path.join(ARGS.out, "lora_adapter"))
     qlora_size = save_adapter(qlora_model, os.path.join(ARGS.out, "qlora_adapter"))
     full_size = save_safetensors(os.path.join(ARGS.out, "full_model.safetensors"),
-                                 full.state_dict(), {"format": "pt"})
+                                 {k: t.data for k, t in full.named_parameters().items()})
     with open(os.path.join(ARGS.out, "lora_adapter", "adapter_model.safetensors"), "rb") as f:
         header = f.read(struct.unpack("<Q", f.read(8))[0]).decode()
     print(f"\nwrote {ARGS.out}/lora_adapter, qlora_adapter and full_model.safetensors; "
