@@ -28,12 +28,8 @@ if MAIN:
 
 def unbroadcast(g, shape):
     """Sum g back to `shape`: a broadcast input is used once per copy; its gradient sums them."""
-    while g.ndim > len(shape):
-        g = g.sum(axis=0)
-    for i, n in enumerate(shape):
-        if n == 1 and g.shape[i] != 1:
-            g = g.sum(axis=i, keepdims=True)
-    return g
+    g = g.sum(axis=tuple(range(g.ndim - len(shape))))         # axes that broadcasting added
+    return g.sum(axis=tuple(i for i, n in enumerate(shape) if n == 1), keepdims=True)
 
 class Tensor:
     def __init__(self, data, parents=(), backward=None, requires_grad=False):
@@ -55,15 +51,14 @@ class Tensor:
 
     def __mul__(self, other):   # y = a * b  ->  da = dy * b,  db = dy * a
         a, b = self, self._lift(other)
-        return Tensor(a.data * b.data, (a, b), lambda g: (g * b.data if a.requires_grad else None,
-                                                          g * a.data if b.requires_grad else None))
+        return Tensor(a.data * b.data, (a, b), lambda g: (g * b.data, g * a.data))
 
     def __pow__(self, k):       # y = aᵏ (k a number)  ->  da = dy * k·aᵏ⁻¹
         return Tensor(self.data ** k, (self,), lambda g: (g * k * self.data ** (k - 1),))
 
     def __matmul__(self, other):   # y = a @ b (batched)  ->  da = dy @ bᵀ,  db = aᵀ @ dy
         a, b = self, self._lift(other)
-        def backward(g):           # a frozen input gets None: LoRA never forms dW
+        def backward(g):           # a frozen input gets None (not even computed): no dW in LoRA
             return (g @ b.data.swapaxes(-1, -2) if a.requires_grad else None,
                     a.data.swapaxes(-1, -2) @ g if b.requires_grad else None)
         return Tensor(a.data @ b.data, (a, b), backward)
@@ -99,14 +94,9 @@ class Tensor:
             return (da,)
         return Tensor(self.data[idx], (self,), backward)
 
-    def masked_fill(self, mask, value):   # y = value where mask, else a  ->  da = dy where not
-        return Tensor(np.where(mask, self.data.dtype.type(value), self.data), (self,),
-                      lambda g: (np.where(mask, 0, g),))
-
     # the rest is built from the ops above, so it needs no backward of its own
     def __neg__(self): return self * -1.0
     def __sub__(self, other): return self + (-self._lift(other))
-    def __rsub__(self, other): return self._lift(other) + (-self)
     def __truediv__(self, other): return self * self._lift(other) ** -1.0
     __radd__, __rmul__ = __add__, __mul__
 
@@ -177,7 +167,7 @@ def gradcheck(f, inputs, h=1e-6, probes=6, seed=0, floor=1e-3):
     return worst
 
 def gradcheck_table(seed=0):
-    rng, tri = np.random.default_rng(seed), np.triu(np.ones((4, 4), bool), 1)
+    rng = np.random.default_rng(seed)
     cases = [  # name, function, input shapes, inputs positive (for log and powers)
         ("a + b (broadcast)", lambda a, b: a + b, [(3, 4), (4,)], False),
         ("a * b (broadcast)", lambda a, b: a * b, [(3, 4), (3, 1)], False),
@@ -190,7 +180,6 @@ def gradcheck_table(seed=0):
         ("reshape", lambda a: a.reshape(4, 3), [(3, 4)], False),
         ("transpose", lambda a: a.transpose(1, 0, 2), [(2, 3, 4)], False),
         ("getitem (repeats)", lambda a: a[np.array([0, 2, 0])], [(3, 4)], False),
-        ("masked_fill", lambda a: a.masked_fill(tri, -7.0), [(4, 4)], False),
         ("mean, a - b, a / b", lambda a, b: (a - b).mean(axis=0) / b, [(3, 4), (4,)], True),
         ("softmax", softmax, [(3, 5)], False),
         ("cross_entropy", lambda a: cross_entropy(a, np.array([1, 0, 4])), [(3, 5)], False),
@@ -253,7 +242,7 @@ class GPT:
 
     def __init__(self, cfg, seed=0, dtype=np.float32):
         rng, C, L = np.random.default_rng(seed), cfg.n_embd, cfg.n_layer
-        self.cfg, self.dtype = cfg, dtype
+        self.cfg = cfg
         def normal(*shape, std=0.02):       # GPT-2's init: N(0, 0.02), zero biases
             return Tensor(rng.normal(0.0, std, shape).astype(dtype), requires_grad=True)
         def linear(n_out, n_in, std=0.02):
@@ -293,8 +282,8 @@ class GPT:
         q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B, T, nh, hs).transpose(0, 2, 1, 3)
                    for i in range(3))                                   # (B, nh, T, hs)
         att = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hs))     # (B, nh, T, T)
-        future = np.triu(np.ones((T, T), bool), 1)                      # key j > query i
-        att = softmax(att.masked_fill(future, -np.inf))                 # exp(-inf) = 0
+        future = np.triu(np.full((T, T), -np.inf), 1)                   # -inf where key j > query i
+        att = softmax(att + future)                                     # exp(-inf) = 0
         y = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, C)            # heads side by side
         return self.modules[f"{h}.attn.c_proj"](y)
 
@@ -480,9 +469,8 @@ def why_b_starts_at_zero(base, x, y):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            norms += [math.sqrt(sum(float((t.grad ** 2).sum()) for k, t in
-                                    model.named_parameters().items() if f"lora_{ab}" in k))
-                      for ab in "AB"]
+            norms += [math.sqrt(sum(float((p.grad ** 2).sum()) for p in opt.params[i::2]))
+                      for i in (0, 1)]         # the trainable tensors alternate A, B, A, B, ...
         print(f"{name:<24}" + "".join(f"{v:>12.2e}" for v in norms) + f"{change:>+23.4f}")
 
 if MAIN:
@@ -516,13 +504,10 @@ NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981
                 0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
                 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
 
-def nf4_from_quantiles():
-    """Normal quantiles at 8 (and 7) evenly spaced probabilities from `top` to 0.5, as the
-    positive (negative) levels, and 0, scaled to [-1, 1]. `top` is not 1 (an infinite
-    quantile): QLoRA takes the midpoints of the last of 16 and of 15 equal bins, averaged."""
+def nf4_from_quantiles():   # Q(1) is infinite: p stops at 1 - (1/32 + 1/30)/2 (QLoRA's choice)
     Q, top = statistics.NormalDist().inv_cdf, 1 - (1 / 32 + 1 / 30) / 2
     v = [s * Q(top + (0.5 - top) * i / n) for n, s in ((8, 1), (7, -1)) for i in range(n)]
-    return np.sort(v + [0.0]) / max(v)
+    return np.sort(v + [0.0]) / max(v)      # 8 positive, 7 negative and 0, scaled to [-1, 1]
 
 def linspace32(a, b, num):
     """float32 points, each rounded once from the nearer end (torch.linspace, which made
@@ -603,10 +588,7 @@ if MAIN:
     q_bytes = sum(m.nbytes() for m in q4.values())
     print(f"4-bit base: {q_bytes:,} bytes for {n_w:,} weights: {q_bytes / n_w:.4f} bytes "
           f"({8 * q_bytes / n_w:.3f} bits) per parameter, against 4 bytes in float32")
-    w0 = base.modules["transformer.h.0.mlp.c_fc"].weight.data
-    err = np.abs(nf4_dequantize(*nf4_quantize(w0)) - w0).mean() / np.abs(w0).mean()
-    print(f"NF4 round trip of one weight matrix: mean relative error {err:.3f}\n"
-          "QLoRA fine-tuning (LoRA on the 4-bit base)")
+    print("QLoRA fine-tuning (LoRA on the 4-bit base)")
     finetune(add_lora(qlora_model, r=8, alpha=16), 8e-3)
 
 # %% 7. The adapter file
@@ -634,10 +616,8 @@ def save_adapter(model, folder, r=8, alpha=16):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
-                   "lora_dropout": 0.0, "target_modules": list(TARGETS), "bias": "none",
-                   "fan_in_fan_out": False,  # our W is (out, in); HF's GPT-2 Conv1D needs True
-                   "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-                   "modules_to_save": None, "inference_mode": True}, f, indent=2)
+                   "target_modules": list(TARGETS), "lora_dropout": 0.0, "bias": "none",
+                   "fan_in_fan_out": False}, f, indent=2)   # True: W stored (in, out), as Conv1D
     tensors = {f"base_model.model.{path}.{k}": t.data for path, m in model.modules.items()
                if isinstance(m, LoRALinear) for k, t in m.params().items() if "lora_" in k}
     return save_safetensors(os.path.join(folder, "adapter_model.safetensors"), tensors)
