@@ -21,10 +21,9 @@ if MAIN:
     ARGS, T0 = p.parse_known_args()[0], time.time()   # known: Jupyter passes its own arguments
 
 # %% 1. Tensor and autograd
-# A Tensor holds an array (.data), its gradient (.grad, filled by backward) and how it was
-# made: its parents and a function from the output's gradient to one gradient per parent.
-# backward() visits the graph in reverse topological order: a node's gradient is complete
-# (each use of it has added its share) before it is passed on to the node's parents.
+# A Tensor holds an array (.data), its gradient (.grad) and how it was made: its parents and a
+# function from the output's gradient to one gradient per parent. backward() visits nodes in
+# reverse topological order, so each gradient is complete (all uses added) before it passes on.
 
 def unbroadcast(g, shape):
     """Sum g back to `shape`: a broadcast input is used once per copy; its gradient sums them."""
@@ -58,7 +57,7 @@ class Tensor:
 
     def __matmul__(self, other):   # y = a @ b (batched)  ->  da = dy @ bᵀ,  db = aᵀ @ dy
         a, b = self, self._lift(other)
-        def backward(g):           # a frozen input gets None (not even computed): no dW in LoRA
+        def backward(g):           # a frozen input gets None, not even computed: no dW in LoRA
             return (g @ b.data.swapaxes(-1, -2) if a.requires_grad else None,
                     a.data.swapaxes(-1, -2) @ g if b.requires_grad else None)
         return Tensor(a.data @ b.data, (a, b), backward)
@@ -75,10 +74,9 @@ class Tensor:
         return Tensor(y, (self,), lambda g: (g * (1 - y * y),))
 
     def sum(self, axis=None, keepdims=False):   # y = Σ a  ->  da = dy copied along the axes
-        def backward(g):
-            g = g if axis is None or keepdims else np.expand_dims(g, axis)
-            return (np.broadcast_to(g, self.shape),)
-        return Tensor(self.data.sum(axis=axis, keepdims=keepdims), (self,), backward)
+        y = self.data.sum(axis=axis, keepdims=True)                  # dy, reshaped to y's shape
+        return Tensor(y if keepdims else np.squeeze(y, axis), (self,),   # broadcasts back
+                      lambda g: (np.broadcast_to(g.reshape(y.shape), self.shape),))
 
     def reshape(self, *shape):  # y = a in a new shape  ->  da = dy in a's shape
         return Tensor(self.data.reshape(*shape), (self,), lambda g: (g.reshape(self.shape),))
@@ -121,13 +119,12 @@ class Tensor:
                     p.grad = g if p.grad is None else p.grad + g
 
 # Composite functions: a few ops each, differentiated by the chain rule for free.
-def softmax(x, axis=-1):
-    e = (x - x.data.max(axis=axis, keepdims=True)).exp()   # softmax(x - c) = softmax(x):
-    return e / e.sum(axis=axis, keepdims=True)             # the row max keeps exp finite
-
-def log_softmax(x, axis=-1):
+def log_softmax(x, axis=-1):   # x - log Σ eˣ; subtracting the row max c first keeps exp finite
     z = x - x.data.max(axis=axis, keepdims=True)
     return z - z.exp().sum(axis=axis, keepdims=True).log()
+
+def softmax(x, axis=-1):
+    return log_softmax(x, axis).exp()
 
 def cross_entropy(logits, targets):
     """Mean over rows of -log softmax(logits)[target]; logits (N, V), targets (N,) ints."""
@@ -166,8 +163,8 @@ def gradcheck(f, inputs, h=1e-6, probes=6, seed=0, floor=1e-3):
             worst = max(worst, abs(num - ana) / max(abs(num) + abs(ana), floor))
     return worst
 
-def gradcheck_table(seed=0):
-    rng = np.random.default_rng(seed)
+if MAIN:   # every op above, on random float64 inputs
+    rng = np.random.default_rng(0)
     cases = [  # name, function, input shapes, inputs positive (for log and powers)
         ("a + b (broadcast)", lambda a, b: a + b, [(3, 4), (4,)], False),
         ("a * b (broadcast)", lambda a, b: a * b, [(3, 4), (3, 1)], False),
@@ -195,14 +192,10 @@ def gradcheck_table(seed=0):
         print(f"{name:<20} {err:>20.2e}  {'ok' if err < 1e-6 else 'FAILED'}")
         assert err < 1e-6, name
 
-if MAIN:
-    gradcheck_table()
-
 # %% 3. A tiny GPT
-# GPT-2's architecture at toy size, with GPT-2's parameter names and PyTorch's layouts
-# (Linear weights (out, in)), so weights move to and from tinylora.models.GPT by name.
-# Pre-norm blocks: x + attn(ln_1(x)), then x + mlp(ln_2(x)); the output head is the token
-# embedding itself (weight tying), so the two uses of wte add into one gradient.
+# GPT-2 at toy size, with its parameter names and PyTorch's layouts (Linear weight (out, in)),
+# so weights move to and from tinylora.models.GPT by name. Pre-norm blocks: x + attn(ln_1(x)),
+# then x + mlp(ln_2(x)). The head is the token embedding (tied): both uses add into its grad.
 
 @dataclass
 class GPTConfig:
@@ -227,8 +220,7 @@ class Linear(Module):         # y = x Wᵀ + b, W (out, in)
 
 class LayerNorm(Module):
     def __init__(self, n, dtype):
-        self.weight = Tensor(np.ones(n, dtype), requires_grad=True)
-        self.bias = Tensor(np.zeros(n, dtype), requires_grad=True)
+        self.weight, self.bias = (Tensor(f(n, dtype), requires_grad=True) for f in (np.ones, np.zeros))
 
     def __call__(self, x):
         return layer_norm(x, self.weight, self.bias)
@@ -241,16 +233,13 @@ class GPT:
     """idx (B, T) int ids -> logits (B, T, V), and the mean cross-entropy given targets."""
 
     def __init__(self, cfg, seed=0, dtype=np.float32):
-        rng, C, L = np.random.default_rng(seed), cfg.n_embd, cfg.n_layer
-        self.cfg = cfg
+        rng, C, L, self.cfg = np.random.default_rng(seed), cfg.n_embd, cfg.n_layer, cfg
         def normal(*shape, std=0.02):       # GPT-2's init: N(0, 0.02), zero biases
             return Tensor(rng.normal(0.0, std, shape).astype(dtype), requires_grad=True)
         def linear(n_out, n_in, std=0.02):
             return Linear(normal(n_out, n_in, std=std),
                           Tensor(np.zeros(n_out, dtype), requires_grad=True))
-        # residual projections get std 0.02/√(2L), so that the residual stream's variance
-        # does not grow with depth (two additions per block)
-        proj = 0.02 / math.sqrt(2 * L)
+        proj = 0.02 / math.sqrt(2 * L)      # residual projections: variance flat over depth
         m = {"transformer.wte": Embedding(normal(cfg.vocab_size, C)),
              "transformer.wpe": Embedding(normal(cfg.block_size, C))}
         for h in (f"transformer.h.{i}" for i in range(L)):
@@ -270,10 +259,8 @@ class GPT:
         return [t for t in self.named_parameters().values() if t.requires_grad]
 
     def load_state_dict(self, arrays):
-        for k, t in self.named_parameters().items():
-            if k not in arrays or np.shape(arrays[k]) != t.shape:
-                raise ValueError(f"load_state_dict: {k} {t.shape} is missing or mis-shaped")
-            t.data = np.array(arrays[k], dtype=t.data.dtype)
+        for k, t in self.named_parameters().items():   # a missing name is a KeyError
+            t.data = np.array(arrays[k], dtype=t.data.dtype).reshape(t.shape)
 
     def attention(self, h, x):
         B, T, C = x.shape
@@ -282,7 +269,7 @@ class GPT:
         q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B, T, nh, hs).transpose(0, 2, 1, 3)
                    for i in range(3))                                   # (B, nh, T, hs)
         att = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hs))     # (B, nh, T, T)
-        future = np.triu(np.full((T, T), -np.inf), 1)                   # -inf where key j > query i
+        future = np.triu(np.full((T, T), -np.inf), 1)                   # key j > query i
         att = softmax(att + future)                                     # exp(-inf) = 0
         y = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, C)            # heads side by side
         return self.modules[f"{h}.attn.c_proj"](y)
@@ -330,7 +317,8 @@ def load_texts(path=None):
 
 def get_batch(data, batch_size, block_size, rng):
     """Random windows of the text: inputs x (B, T) and their next characters y (B, T)."""
-    w = np.stack([data[i:i + block_size + 1] for i in rng.integers(0, len(data) - block_size - 1, batch_size)])
+    starts = rng.integers(0, len(data) - block_size - 1, batch_size)
+    w = np.stack([data[i:i + block_size + 1] for i in starts])
     return w[:, :-1], w[:, 1:]
 
 class AdamW:
@@ -341,7 +329,7 @@ class AdamW:
     Only matrices decay (ndim >= 2); biases and layer-norm gains do not (GPT-2 practice)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
-        self.params = [p for p in params if p.requires_grad]
+        self.params = list(params)
         self.lr, (self.b1, self.b2), self.eps, self.wd, self.t = lr, betas, eps, weight_decay, 0
         self.m = [np.zeros_like(p.data) for p in self.params]
         self.v = [np.zeros_like(p.data) for p in self.params]
@@ -362,6 +350,7 @@ class AdamW:
             p.data -= (lr / (1 - b1 ** t)) * (m / denom)
 
 def train(model, data, steps, lr, batch_size, seed=0, weight_decay=0.0, log=0):
+    """`steps` AdamW steps on random batches; the last step's gradients stay in .grad."""
     opt = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     rng = np.random.default_rng(seed)
     for step in range(steps):
@@ -390,10 +379,8 @@ if MAIN:
                  weight_decay=0.01, log=S["pretrain"] // 4)
     val_base = evaluate(base, val_data, S["batch"])
     print(f"the base model's loss on held-out Python: {val_base:.3f}\nfull fine-tuning on Python")
-
     def finetune(model, lr):   # the same steps and batches for full, LoRA and QLoRA
         return train(model, tune_data, S["tune"], lr, S["batch"], seed=1, log=S["tune"] // 2)
-
     full = finetune(copy.deepcopy(base), 1e-3)    # a copy: every weight trainable
 
 # %% 5. LoRA
@@ -455,27 +442,22 @@ def count(model):
     n_all += sum(m.out_features * m.in_features for m in bases if hasattr(m, "packed"))
     return sum(t.data.size for t in model.parameters()), n_all
 
-def why_b_starts_at_zero(base, x, y):
-    """Two steps from each init: |dA| and |dB| over all adapters; the loss change at step 0."""
-    print(f"{'init':<24}{'|dA| step 0':>12}{'|dB| step 0':>12}{'|dA| step 1':>12}"
-          f"{'|dB| step 1':>12}{'loss - base at step 0':>23}")
+def why_b_starts_at_zero(base, data, batch_size):
+    """|dA|, |dB| (over all adapters) at steps 0 and 1 from each init; the loss change at 0."""
     for init, name in [("lora", "A random, B = 0 (LoRA)"), ("zeros", "A = 0, B = 0"),
                        ("random", "A, B random")]:
         model, norms = add_lora(copy.deepcopy(base), init=init), []
-        change = float(model(x, y)[1].data - base(x, y)[1].data)    # before any training
-        opt = AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-        for step in range(2):
-            _, loss = model(x, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            norms += [math.sqrt(sum(float((p.grad ** 2).sum()) for p in opt.params[i::2]))
-                      for i in (0, 1)]         # the trainable tensors alternate A, B, A, B, ...
+        change = evaluate(model, data, batch_size) - evaluate(base, data, batch_size)
+        for step in range(2):   # the trainable tensors alternate A, B, A, B, ...
+            params = train(model, data, 1, 1e-2, batch_size, seed=step).parameters()
+            norms += [math.sqrt(sum(float((p.grad ** 2).sum()) for p in params[i::2])) for i in (0, 1)]
         print(f"{name:<24}" + "".join(f"{v:>12.2e}" for v in norms) + f"{change:>+23.4f}")
 
 if MAIN:
-    print("\nWhy does B start at zero, and how can it learn? |grad| summed over all adapters:")
-    why_b_starts_at_zero(base, *get_batch(tune_data, S["batch"], 32, np.random.default_rng(0)))
+    print("\nWhy does B start at zero, and how can it learn? |grad| summed over all adapters:\n"
+          f"{'init':<24}{'|dA| step 0':>12}{'|dB| step 0':>12}{'|dA| step 1':>12}"
+          f"{'|dB| step 1':>12}{'loss - base at step 0':>23}")
+    why_b_starts_at_zero(base, tune_data, S["batch"])
     print("-> with B = 0, dA = s·(dy B)ᵀ x = 0 but dB = s·dyᵀ (x Aᵀ) != 0: B moves first, then A\n"
           "   gets a gradient too. With both zero, both gradients stay zero forever; with both\n"
           "   random, the model has changed before any training.")
@@ -487,27 +469,15 @@ if MAIN:
     frozen = [t for t in lora_model.named_parameters().values() if not t.requires_grad]
     assert all(t.grad is None for t in frozen)
     print(f"no dW: after {S['tune']} steps, none of the {len(frozen)} frozen tensors has a gradient")
-    xb, _ = get_batch(val_data, 2, 32, np.random.default_rng(0))
+    xb, _ = get_batch(val_data, 2, cfg.block_size, np.random.default_rng(0))
     gap = np.abs(lora_model(xb)[0].data - merged(lora_model)(xb)[0].data).max()
     print(f"merged W + (α/r)·B·A vs the adapter kept apart: max |logits difference| {gap:.1e}")
     assert gap < 1e-4
 
 # %% 6. QLoRA
-# Store the frozen W in 4 bits. Pretrained weights are roughly normal; divided by its block's
-# absmax, a block of 64 lies in [-1, 1]. NF4's 16 levels are quantiles of the normal
-# distribution (each level equally likely: information-theoretically best for normal data),
-# with an exact 0: 8 positive, 7 negative, scaled to [-1, 1]. Stored as the float32 bits
-# bitsandbytes writes; recomputed from the normal quantiles below, they agree to ~1e-7.
-
-NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-                -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-                0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-                0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
-
-def nf4_from_quantiles():   # Q(1) is infinite: p stops at 1 - (1/32 + 1/30)/2 (QLoRA's choice)
-    Q, top = statistics.NormalDist().inv_cdf, 1 - (1 / 32 + 1 / 30) / 2
-    v = [s * Q(top + (0.5 - top) * i / n) for n, s in ((8, 1), (7, -1)) for i in range(n)]
-    return np.sort(v + [0.0]) / max(v)      # 8 positive, 7 negative and 0, scaled to [-1, 1]
+# Store the frozen W in 4 bits. Weights are roughly normal; divided by its block's absmax, a
+# block of 64 lies in [-1, 1]. NF4's 16 levels are quantiles of the normal distribution (each
+# level equally likely: best for normal data), with an exact 0, scaled to [-1, 1].
 
 def linspace32(a, b, num):
     """float32 points, each rounded once from the nearer end (torch.linspace, which made
@@ -515,6 +485,17 @@ def linspace32(a, b, num):
     a, b = np.float32(a), np.float32(b)
     step, i = np.float64((b - a) / np.float32(num - 1)), np.arange(num, dtype=np.float64)
     return np.where(i < num // 2, a + step * i, b - step * (num - 1 - i)).astype(np.float32)
+
+def nf4_levels(top=0.9677083):
+    """Normal quantiles Q(p) for 8 p evenly from `top` to 0.5, 0, and 7 mirrored, over the
+    largest. Q(1) = ∞, so top is the mean of 1 - 1/32 and 1 - 1/30 (the middles of the last of
+    16 and of 15 equal bins), to 7 digits, its p in float32 steps: as bitsandbytes made them."""
+    Q = statistics.NormalDist().inv_cdf
+    v = np.array([Q(float(p)) for p in linspace32(top, 0.5, 9)[:-1]] + [0.0] +
+                 [-Q(float(p)) for p in linspace32(top, 0.5, 8)[:-1]], np.float32)
+    return np.sort(v) / v.max()
+
+NF4 = nf4_levels()
 
 def dynamic_map():
     """bitsandbytes' signed 8-bit "dynamic" map, for the double quantization: for exponent
@@ -574,28 +555,24 @@ class Linear4bit(Linear):
         return Tensor(nf4_dequantize(self.packed, self.state).astype(self.dtype))
 
     def nbytes(self):   # codes, 8-bit scales, their float32 scales, the offset
-        st = self.state
-        return self.packed.nbytes + st["absmax"].nbytes + st["nested_absmax"].nbytes + 4
+        return sum(a.nbytes for a in (self.packed, self.state["absmax"], self.state["nested_absmax"])) + 4
 
 if MAIN:
-    print(f"\nNF4 levels from the normal quantiles vs the stored table: max difference "
-          f"{np.abs(nf4_from_quantiles() - NF4).max():.1e}")
+    print(f"\nNF4 levels: {np.round(NF4, 4)}")
     qlora_model = copy.deepcopy(base)          # the same base, its targeted W now in 4 bits
-    q4 = {p: Linear4bit(m) for p, m in qlora_model.modules.items()
-          if p.rsplit(".", 1)[-1] in TARGETS}
+    q4 = {p: Linear4bit(m) for p, m in qlora_model.modules.items() if p.rsplit(".", 1)[-1] in TARGETS}
     qlora_model.modules.update(q4)
     n_w = sum(m.out_features * m.in_features for m in q4.values())
     q_bytes = sum(m.nbytes() for m in q4.values())
     print(f"4-bit base: {q_bytes:,} bytes for {n_w:,} weights: {q_bytes / n_w:.4f} bytes "
-          f"({8 * q_bytes / n_w:.3f} bits) per parameter, against 4 bytes in float32")
-    print("QLoRA fine-tuning (LoRA on the 4-bit base)")
+          f"({8 * q_bytes / n_w:.3f} bits) per parameter, against 4 bytes in float32\n"
+          "QLoRA fine-tuning (LoRA on the 4-bit base)")
     finetune(add_lora(qlora_model, r=8, alpha=16), 8e-3)
 
 # %% 7. The adapter file
-# PEFT's layout: a folder with adapter_config.json (the LoRA settings) and
-# adapter_model.safetensors (the A and B matrices). safetensors is simple enough to write by
-# hand: 8 bytes (a little-endian u64) giving the header's length, the header (JSON: each
-# tensor's dtype, shape and byte range in the data), then the raw little-endian data.
+# PEFT's layout: adapter_config.json (the settings) and adapter_model.safetensors (A and B).
+# safetensors is simple enough to write by hand: a little-endian u64 giving the header's length,
+# the header (JSON: each tensor's dtype, shape and byte range), then the raw little-endian data.
 
 def save_safetensors(path, tensors):
     arrays = {k: np.ascontiguousarray(v, "<f4") for k, v in sorted(tensors.items())}
@@ -628,9 +605,7 @@ if MAIN:
     full_size = save_safetensors(os.path.join(ARGS.out, "full_model.safetensors"),
                                  {k: t.data for k, t in full.named_parameters().items()})
     with open(os.path.join(ARGS.out, "lora_adapter", "adapter_model.safetensors"), "rb") as f:
-        header = f.read(struct.unpack("<Q", f.read(8))[0]).decode()
-    print(f"\nwrote {ARGS.out}/lora_adapter, qlora_adapter and full_model.safetensors; "
-          f"the adapter's header begins\n  {header[:110]}...")
+        print(f"\nwrote {ARGS.out}/; the LoRA adapter file begins {f.read(100)}...")
 
 # %% 8. Full vs LoRA vs QLoRA
 # The same base, data, steps and batches for each method; validation loss on held-out code.
