@@ -1,7 +1,6 @@
 """LoRA and QLoRA from scratch, in one file: NumPy and the Python standard library only.
 
-Read it top to bottom, one `# %%` cell per step (it opens as a notebook in Jupyter or VS Code):
-autograd, its gradient check, a GPT, AdamW, LoRA, QLoRA, the adapter file, the comparison.
+Read it top to bottom, one `# %%` cell per step (it opens as a notebook in Jupyter or VS Code).
 tests/test_one_file.py checks that it computes, number for number, what the tinylora package
 computes (loss, every gradient, AdamW steps, NF4 bytes, the adapter file).
 
@@ -24,19 +23,12 @@ if MAIN:
 # A Tensor holds an array (.data), its gradient (.grad) and how it was made: its parents and a
 # function from the output's gradient to one gradient per parent. backward() visits nodes in
 # reverse topological order, so each gradient is complete (all uses added) before it passes on.
-
-def unbroadcast(g, shape):
-    """Sum g back to `shape`: a broadcast input is used once per copy; its gradient sums them."""
-    g = g.sum(axis=tuple(range(g.ndim - len(shape))))         # axes that broadcasting added
-    return g.sum(axis=tuple(i for i, n in enumerate(shape) if n == 1), keepdims=True)
-
 class Tensor:
     def __init__(self, data, parents=(), backward=None, requires_grad=False):
         self.data, self.grad = np.asarray(data), None
         self.requires_grad = requires_grad or any(p.requires_grad for p in parents)
-        # a graph only where a gradient will flow: constants and frozen weights stay values
-        self.parents = tuple(parents) if self.requires_grad else ()
-        self._backward = backward if self.requires_grad else None
+        self.parents = tuple(parents) if self.requires_grad else ()   # a graph only where a
+        self._backward = backward if self.requires_grad else None     # gradient will flow
 
     shape = property(lambda self: self.data.shape)
     T = property(lambda self: self.transpose())
@@ -74,8 +66,8 @@ class Tensor:
         return Tensor(y, (self,), lambda g: (g * (1 - y * y),))
 
     def sum(self, axis=None, keepdims=False):   # y = Σ a  ->  da = dy copied along the axes
-        y = self.data.sum(axis=axis, keepdims=True)                  # dy, reshaped to y's shape
-        return Tensor(y if keepdims else np.squeeze(y, axis), (self,),   # broadcasts back
+        y = self.data.sum(axis=axis, keepdims=True)   # summed axes kept as 1s: dy in y's shape
+        return Tensor(y if keepdims else np.squeeze(y, axis), (self,),   # broadcasts back to a
                       lambda g: (np.broadcast_to(g.reshape(y.shape), self.shape),))
 
     def reshape(self, *shape):  # y = a in a new shape  ->  da = dy in a's shape
@@ -118,13 +110,15 @@ class Tensor:
                     g = unbroadcast(g, p.shape)
                     p.grad = g if p.grad is None else p.grad + g
 
+def unbroadcast(g, shape):
+    """Sum g back to `shape`: a broadcast input is used once per copy; its gradient sums them."""
+    g = g.sum(axis=tuple(range(g.ndim - len(shape))))         # axes that broadcasting added
+    return g.sum(axis=tuple(i for i, n in enumerate(shape) if n == 1), keepdims=True)
+
 # Composite functions: a few ops each, differentiated by the chain rule for free.
 def log_softmax(x, axis=-1):   # x - log Σ eˣ; subtracting the row max c first keeps exp finite
     z = x - x.data.max(axis=axis, keepdims=True)
     return z - z.exp().sum(axis=axis, keepdims=True).log()
-
-def softmax(x, axis=-1):
-    return log_softmax(x, axis).exp()
 
 def cross_entropy(logits, targets):
     """Mean over rows of -log softmax(logits)[target]; logits (N, V), targets (N,) ints."""
@@ -143,7 +137,6 @@ def gelu(x):
 # Each backward above is a hand-derived formula; central differences check it with none:
 # df/dx ≈ (f(x + h) - f(x - h)) / 2h, error O(h²); in float64, h = 1e-6 leaves ~10 digits.
 # Each op's output is reduced to a scalar by random weights, so every entry's gradient counts.
-
 def gradcheck(f, inputs, h=1e-6, probes=6, seed=0, floor=1e-3):
     """Worst |numerical - backward's| / max(|numerical| + |backward's|, floor) over `probes`
     entries of each input of scalar f; below the floor, f's rounding blurs the differences."""
@@ -178,7 +171,7 @@ if MAIN:   # every op above, on random float64 inputs
         ("transpose", lambda a: a.transpose(1, 0, 2), [(2, 3, 4)], False),
         ("getitem (repeats)", lambda a: a[np.array([0, 2, 0])], [(3, 4)], False),
         ("mean, a - b, a / b", lambda a, b: (a - b).mean(axis=0) / b, [(3, 4), (4,)], True),
-        ("softmax", softmax, [(3, 5)], False),
+        ("softmax", lambda a: log_softmax(a).exp(), [(3, 5)], False),
         ("cross_entropy", lambda a: cross_entropy(a, np.array([1, 0, 4])), [(3, 5)], False),
         ("layer_norm", layer_norm, [(3, 6), (6,), (6,)], False),
         ("gelu", gelu, [(3, 4)], False),
@@ -196,7 +189,6 @@ if MAIN:   # every op above, on random float64 inputs
 # GPT-2 at toy size, with its parameter names and PyTorch's layouts (Linear weight (out, in)),
 # so weights move to and from tinylora.models.GPT by name. Pre-norm blocks: x + attn(ln_1(x)),
 # then x + mlp(ln_2(x)). The head is the token embedding (tied): both uses add into its grad.
-
 @dataclass
 class GPTConfig:
     vocab_size: int = 96
@@ -210,13 +202,12 @@ class Module:
         return {k: v for k, v in vars(self).items() if isinstance(v, Tensor)}
 
 class Linear(Module):         # y = x Wᵀ + b, W (out, in)
-    def __init__(self, weight, bias=None):
+    def __init__(self, weight, bias):
         self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
 
     def __call__(self, x):
-        y = x @ self.weight.T
-        return y if self.bias is None else y + self.bias
+        return x @ self.weight.T + self.bias
 
 class LayerNorm(Module):
     def __init__(self, n, dtype):
@@ -237,8 +228,7 @@ class GPT:
         def normal(*shape, std=0.02):       # GPT-2's init: N(0, 0.02), zero biases
             return Tensor(rng.normal(0.0, std, shape).astype(dtype), requires_grad=True)
         def linear(n_out, n_in, std=0.02):
-            return Linear(normal(n_out, n_in, std=std),
-                          Tensor(np.zeros(n_out, dtype), requires_grad=True))
+            return Linear(normal(n_out, n_in, std=std), Tensor(np.zeros(n_out, dtype), requires_grad=True))
         proj = 0.02 / math.sqrt(2 * L)      # residual projections: variance flat over depth
         m = {"transformer.wte": Embedding(normal(cfg.vocab_size, C)),
              "transformer.wpe": Embedding(normal(cfg.block_size, C))}
@@ -270,7 +260,7 @@ class GPT:
                    for i in range(3))                                   # (B, nh, T, hs)
         att = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hs))     # (B, nh, T, T)
         future = np.triu(np.full((T, T), -np.inf), 1)                   # key j > query i
-        att = softmax(att + future)                                     # exp(-inf) = 0
+        att = log_softmax(att + future).exp()                           # softmax; e^-inf = 0
         y = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, C)            # heads side by side
         return self.modules[f"{h}.attn.c_proj"](y)
 
@@ -295,7 +285,6 @@ if MAIN:   # the whole model against finite differences, at toy size in float64
 # %% 4. Training with AdamW
 # Characters are tokens: printable ASCII plus newline, 96 ids. The base model learns English
 # from the standard library's docstrings; fine-tuning then teaches it Python source code.
-
 VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))
 STOI = {c: i for i, c in enumerate(VOCAB)}
 
@@ -303,8 +292,7 @@ def encode(text):
     return np.array([STOI.get(c, STOI["?"]) for c in text.replace("\t", "    ")], np.int64)
 
 def load_texts(path=None):
-    """(prose, code): docstrings to pretrain on; Python source (argparse's, or the file at
-    path) to fine-tune on. Both come with every Python installation."""
+    """(prose, code): docstrings to pretrain on, Python source (argparse's, or path's) to tune on."""
     mods = [__import__(m) for m in "collections enum fractions functools heapq logging pathlib "
             "random re shutil string textwrap".split()]
     docs = [inspect.getdoc(obj) for m in mods for name, obj in sorted(vars(m).items())
@@ -325,8 +313,7 @@ class AdamW:
     """Adam with decoupled weight decay (Loshchilov & Hutter), as torch and tinylora.optim:
         p ← p·(1 − lr·wd);  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²
         p ← p − lr · m̂ / (√v̂ + ε),   m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ)
-    (m and v start at 0, so their early averages are too small by exactly those factors).
-    Only matrices decay (ndim >= 2); biases and layer-norm gains do not (GPT-2 practice)."""
+    (m and v start at 0, so their early averages are too small by exactly those factors)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         self.params = list(params)
@@ -342,7 +329,7 @@ class AdamW:
         self.t += 1
         lr, b1, b2, t = self.lr, self.b1, self.b2, self.t
         for p, m, v in zip(self.params, self.m, self.v):
-            if self.wd and p.data.ndim >= 2:
+            if self.wd and p.data.ndim >= 2:     # matrices only, not biases or gains (GPT-2)
                 p.data *= 1.0 - lr * self.wd
             m[:] = b1 * m + (1 - b1) * p.grad
             v[:] = b2 * v + (1 - b2) * (p.grad * p.grad)
@@ -351,8 +338,7 @@ class AdamW:
 
 def train(model, data, steps, lr, batch_size, seed=0, weight_decay=0.0, log=0):
     """`steps` AdamW steps on random batches; the last step's gradients stay in .grad."""
-    opt = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    rng = np.random.default_rng(seed)
+    opt, rng = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay), np.random.default_rng(seed)
     for step in range(steps):
         _, loss = model(*get_batch(data, batch_size, model.cfg.block_size, rng))
         opt.zero_grad()
@@ -385,11 +371,9 @@ if MAIN:
 
 # %% 5. LoRA
 # Freeze the pretrained W (d × k) and learn its update as ΔW = B·A, B (d × r), A (r × k):
-#   y = x Wᵀ + b + s · (x Aᵀ) Bᵀ,   s = α/r
-# which trains r·(d + k) numbers instead of d·k. The forward multiplies by A, then by B: it
-# never forms the d × k product. Gradients, with u = x Aᵀ: dB = s · dyᵀ u, dA = s · (dy B)ᵀ x,
-# dx = dy W + s · (dy B) A; and as W is frozen, dW = dyᵀ x is never computed.
-
+#   y = x Wᵀ + b + s · (x Aᵀ) Bᵀ,  s = α/r:  r·(d + k) numbers to train instead of d·k.
+# With u = x Aᵀ: dB = s · dyᵀ u, dA = s · (dy B)ᵀ x, dx = dy W + s · (dy B) A. W is frozen, so
+# dW = dyᵀ x is never computed, and neither is the d × k product B·A (until a merge).
 class LoRALinear(Module):
     """A frozen base layer plus a trainable low-rank update; A Kaiming-uniform, B zero."""
 
@@ -444,8 +428,7 @@ def count(model):
 
 def why_b_starts_at_zero(base, data, batch_size):
     """|dA|, |dB| (over all adapters) at steps 0 and 1 from each init; the loss change at 0."""
-    for init, name in [("lora", "A random, B = 0 (LoRA)"), ("zeros", "A = 0, B = 0"),
-                       ("random", "A, B random")]:
+    for init, name in [("lora", "A random, B = 0 (LoRA)"), ("zeros", "A = B = 0"), ("random", "A, B random")]:
         model, norms = add_lora(copy.deepcopy(base), init=init), []
         change = evaluate(model, data, batch_size) - evaluate(base, data, batch_size)
         for step in range(2):   # the trainable tensors alternate A, B, A, B, ...
@@ -458,9 +441,8 @@ if MAIN:
           f"{'init':<24}{'|dA| step 0':>12}{'|dB| step 0':>12}{'|dA| step 1':>12}"
           f"{'|dB| step 1':>12}{'loss - base at step 0':>23}")
     why_b_starts_at_zero(base, tune_data, S["batch"])
-    print("-> with B = 0, dA = s·(dy B)ᵀ x = 0 but dB = s·dyᵀ (x Aᵀ) != 0: B moves first, then A\n"
-          "   gets a gradient too. With both zero, both gradients stay zero forever; with both\n"
-          "   random, the model has changed before any training.")
+    print("-> B = 0: dA = s·(dy B)ᵀ x = 0 but dB = s·dyᵀ (x Aᵀ) != 0, so B moves first, then A.\n"
+          "   Both zero: both gradients stay zero forever. Both random: the model changed at once.")
     lora_model = add_lora(copy.deepcopy(base), r=8, alpha=16)
     n_train, n_all = count(lora_model)
     print(f"\nLoRA r=8, alpha=16 on {', '.join(TARGETS)}: trainable {n_train:,} of {n_all:,} "
@@ -478,7 +460,6 @@ if MAIN:
 # Store the frozen W in 4 bits. Weights are roughly normal; divided by its block's absmax, a
 # block of 64 lies in [-1, 1]. NF4's 16 levels are quantiles of the normal distribution (each
 # level equally likely: best for normal data), with an exact 0, scaled to [-1, 1].
-
 def linspace32(a, b, num):
     """float32 points, each rounded once from the nearer end (torch.linspace, which made
     bitsandbytes' map)."""
@@ -573,7 +554,6 @@ if MAIN:
 # PEFT's layout: adapter_config.json (the settings) and adapter_model.safetensors (A and B).
 # safetensors is simple enough to write by hand: a little-endian u64 giving the header's length,
 # the header (JSON: each tensor's dtype, shape and byte range), then the raw little-endian data.
-
 def save_safetensors(path, tensors):
     arrays = {k: np.ascontiguousarray(v, "<f4") for k, v in sorted(tensors.items())}
     header, offset = {}, 0
@@ -609,7 +589,6 @@ if MAIN:
 
 # %% 8. Full vs LoRA vs QLoRA
 # The same base, data, steps and batches for each method; validation loss on held-out code.
-
 if MAIN:
     print(f"\n{'method':<18}{'trainable':>11}{'share':>9}{'val loss':>10}{'saved file':>14}"
           f"{'frozen targeted W':>19}\n{'base model':<38}{val_base:>10.3f}")
