@@ -147,11 +147,10 @@ def gradcheck(f, inputs, h=1e-6, probes=6, seed=0, floor=1e-3):
     for t in inputs:
         flat = t.data.reshape(-1)           # a view: nudging flat[i] nudges t
         for i in rng.choice(flat.size, min(probes, flat.size), replace=False):
-            old, fx = flat[i], []
-            for x in (old + h, old - h):
+            fx = []
+            for x in (flat[i] + h, flat[i] - h, flat[i]):   # the last one puts t back
                 flat[i] = x
                 fx.append(float(f(*inputs).data))
-            flat[i] = old
             num, ana = (fx[0] - fx[1]) / (2 * h), t.grad.reshape(-1)[i]
             worst = max(worst, abs(num - ana) / max(abs(num) + abs(ana), floor))
     return worst
@@ -211,7 +210,8 @@ class Linear(Module):         # y = x Wᵀ + b, W (out, in)
 
 class LayerNorm(Module):
     def __init__(self, n, dtype):
-        self.weight, self.bias = (Tensor(f(n, dtype), requires_grad=True) for f in (np.ones, np.zeros))
+        self.weight = Tensor(np.ones(n, dtype), requires_grad=True)
+        self.bias = Tensor(np.zeros(n, dtype), requires_grad=True)
 
     def __call__(self, x):
         return layer_norm(x, self.weight, self.bias)
@@ -228,7 +228,8 @@ class GPT:
         def normal(*shape, std=0.02):       # GPT-2's init: N(0, 0.02), zero biases
             return Tensor(rng.normal(0.0, std, shape).astype(dtype), requires_grad=True)
         def linear(n_out, n_in, std=0.02):
-            return Linear(normal(n_out, n_in, std=std), Tensor(np.zeros(n_out, dtype), requires_grad=True))
+            return Linear(normal(n_out, n_in, std=std),
+                          Tensor(np.zeros(n_out, dtype), requires_grad=True))
         proj = 0.02 / math.sqrt(2 * L)      # residual projections: variance flat over depth
         m = {"transformer.wte": Embedding(normal(cfg.vocab_size, C)),
              "transformer.wpe": Embedding(normal(cfg.block_size, C))}
@@ -292,7 +293,7 @@ def encode(text):
     return np.array([STOI.get(c, STOI["?"]) for c in text.replace("\t", "    ")], np.int64)
 
 def load_texts(path=None):
-    """(prose, code): docstrings to pretrain on, Python source (argparse's, or path's) to tune on."""
+    """(prose, code): docstrings to pretrain on; Python source (argparse's, or path) to tune on."""
     mods = [__import__(m) for m in "collections enum fractions functools heapq logging pathlib "
             "random re shutil string textwrap".split()]
     docs = [inspect.getdoc(obj) for m in mods for name, obj in sorted(vars(m).items())
@@ -312,8 +313,7 @@ def get_batch(data, batch_size, block_size, rng):
 class AdamW:
     """Adam with decoupled weight decay (Loshchilov & Hutter), as torch and tinylora.optim:
         p ← p·(1 − lr·wd);  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²
-        p ← p − lr · m̂ / (√v̂ + ε),   m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ)
-    (m and v start at 0, so their early averages are too small by exactly those factors)."""
+        p ← p − lr · m̂ / (√v̂ + ε),  m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ)  (m, v start at 0: too small)"""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         self.params = list(params)
@@ -338,7 +338,7 @@ class AdamW:
 
 def train(model, data, steps, lr, batch_size, seed=0, weight_decay=0.0, log=0):
     """`steps` AdamW steps on random batches; the last step's gradients stay in .grad."""
-    opt, rng = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay), np.random.default_rng(seed)
+    opt, rng = AdamW(model.parameters(), lr, weight_decay=weight_decay), np.random.default_rng(seed)
     for step in range(steps):
         _, loss = model(*get_batch(data, batch_size, model.cfg.block_size, rng))
         opt.zero_grad()
@@ -388,8 +388,8 @@ class LoRALinear(Module):
             A = np.zeros_like(A)
         elif init == "random":
             B = rng.uniform(-1 / math.sqrt(r), 1 / math.sqrt(r), B.shape)
-        self.lora_A, self.lora_B = (Tensor(M.astype(base.weight.data.dtype), requires_grad=True)
-                                    for M in (A, B))
+        self.lora_A = Tensor(A.astype(base.weight.data.dtype), requires_grad=True)
+        self.lora_B = Tensor(B.astype(base.weight.data.dtype), requires_grad=True)
 
     def __call__(self, x):
         return self.base(x) + (x @ self.lora_A.T) @ self.lora_B.T * self.scale
@@ -413,22 +413,20 @@ def add_lora(model, r=8, alpha=16, seed=0, init="lora"):
         model.modules[path] = LoRALinear(model.modules[path], r, alpha, rng, init)
     return model
 
-def merged(model):
-    """A copy of model with every adapter merged into its base weight."""
+def merged(model):   # a copy of model with every adapter merged into its base weight
     out = copy.copy(model)
     out.modules = {p: m.merge() if isinstance(m, LoRALinear) else m for p, m in model.modules.items()}
     return out
 
-def count(model):
-    """(trainable, all) parameters; a 4-bit weight (section 6) counts as its float values."""
+def count(model):    # (trainable, all) parameters; a 4-bit W counts as its float values
     n_all = sum(t.data.size for t in model.named_parameters().values())
     bases = [getattr(m, "base", m) for m in model.modules.values()]
     n_all += sum(m.out_features * m.in_features for m in bases if hasattr(m, "packed"))
     return sum(t.data.size for t in model.parameters()), n_all
 
-def why_b_starts_at_zero(base, data, batch_size):
-    """|dA|, |dB| (over all adapters) at steps 0 and 1 from each init; the loss change at 0."""
-    for init, name in [("lora", "A random, B = 0 (LoRA)"), ("zeros", "A = B = 0"), ("random", "A, B random")]:
+def why_b_starts_at_zero(base, data, batch_size):   # |dA|, |dB| at steps 0 and 1, per init
+    for init, name in [("lora", "A random, B = 0 (LoRA)"), ("zeros", "A = B = 0"),
+                       ("random", "A, B random")]:
         model, norms = add_lora(copy.deepcopy(base), init=init), []
         change = evaluate(model, data, batch_size) - evaluate(base, data, batch_size)
         for step in range(2):   # the trainable tensors alternate A, B, A, B, ...
@@ -450,7 +448,7 @@ if MAIN:
     finetune(lora_model, 8e-3)
     frozen = [t for t in lora_model.named_parameters().values() if not t.requires_grad]
     assert all(t.grad is None for t in frozen)
-    print(f"no dW: after {S['tune']} steps, none of the {len(frozen)} frozen tensors has a gradient")
+    print(f"no dW: after {S['tune']} steps, no frozen tensor (of {len(frozen)}) has a gradient")
     xb, _ = get_batch(val_data, 2, cfg.block_size, np.random.default_rng(0))
     gap = np.abs(lora_model(xb)[0].data - merged(lora_model)(xb)[0].data).max()
     print(f"merged W + (α/r)·B·A vs the adapter kept apart: max |logits difference| {gap:.1e}")
@@ -536,18 +534,17 @@ class Linear4bit(Linear):
         return Tensor(nf4_dequantize(self.packed, self.state).astype(self.dtype))
 
     def nbytes(self):   # codes, 8-bit scales, their float32 scales, the offset
-        return sum(a.nbytes for a in (self.packed, self.state["absmax"], self.state["nested_absmax"])) + 4
+        return self.packed.nbytes + self.state["absmax"].nbytes + self.state["nested_absmax"].nbytes + 4
 
 if MAIN:
-    print(f"\nNF4 levels: {np.round(NF4, 4)}")
     qlora_model = copy.deepcopy(base)          # the same base, its targeted W now in 4 bits
     q4 = {p: Linear4bit(m) for p, m in qlora_model.modules.items() if p.rsplit(".", 1)[-1] in TARGETS}
     qlora_model.modules.update(q4)
     n_w = sum(m.out_features * m.in_features for m in q4.values())
     q_bytes = sum(m.nbytes() for m in q4.values())
-    print(f"4-bit base: {q_bytes:,} bytes for {n_w:,} weights: {q_bytes / n_w:.4f} bytes "
-          f"({8 * q_bytes / n_w:.3f} bits) per parameter, against 4 bytes in float32\n"
-          "QLoRA fine-tuning (LoRA on the 4-bit base)")
+    print(f"\nNF4 levels: {np.round(NF4, 4)}\n4-bit base: {q_bytes:,} bytes for {n_w:,} weights, "
+          f"{8 * q_bytes / n_w:.3f} bits ({q_bytes / n_w:.4f} bytes) per parameter, against 4 "
+          "bytes in float32\nQLoRA fine-tuning (LoRA on the 4-bit base)")
     finetune(add_lora(qlora_model, r=8, alpha=16), 8e-3)
 
 # %% 7. The adapter file
