@@ -27,8 +27,8 @@ class Tensor:
     def __init__(self, data, parents=(), backward=None, requires_grad=False):
         self.data, self.grad = np.asarray(data), None
         self.requires_grad = requires_grad or any(p.requires_grad for p in parents)
-        self.parents = tuple(parents) if self.requires_grad else ()   # a graph only where a
-        self._backward = backward if self.requires_grad else None     # gradient will flow
+        self.parents = tuple(parents) if self.requires_grad else ()   # a graph only where
+        self._backward = backward if self.requires_grad else None     # a gradient will flow
 
     shape = property(lambda self: self.data.shape)
     T = property(lambda self: self.transpose())
@@ -66,8 +66,8 @@ class Tensor:
         return Tensor(y, (self,), lambda g: (g * (1 - y * y),))
 
     def sum(self, axis=None, keepdims=False):   # y = Σ a  ->  da = dy copied along the axes
-        y = self.data.sum(axis=axis, keepdims=True)   # summed axes kept as 1s: dy in y's shape
-        return Tensor(y if keepdims else np.squeeze(y, axis), (self,),   # broadcasts back to a
+        y = self.data.sum(axis=axis, keepdims=True)   # the summed axes kept (as 1s) for backward
+        return Tensor(y if keepdims else np.squeeze(y, axis), (self,),
                       lambda g: (np.broadcast_to(g.reshape(y.shape), self.shape),))
 
     def reshape(self, *shape):  # y = a in a new shape  ->  da = dy in a's shape
@@ -90,7 +90,7 @@ class Tensor:
     def __truediv__(self, other): return self * self._lift(other) ** -1.0
     __radd__, __rmul__ = __add__, __mul__
 
-    def mean(self, axis=None, keepdims=False):
+    def mean(self, axis=None, keepdims=False):   # Σ a / (the number of entries summed)
         s = self.sum(axis=axis, keepdims=keepdims)
         return s * (s.data.size / self.data.size)
 
@@ -147,10 +147,11 @@ def gradcheck(f, inputs, h=1e-6, probes=6, seed=0, floor=1e-3):
     for t in inputs:
         flat = t.data.reshape(-1)           # a view: nudging flat[i] nudges t
         for i in rng.choice(flat.size, min(probes, flat.size), replace=False):
-            fx = []
-            for x in (flat[i] + h, flat[i] - h, flat[i]):   # the last one puts t back
+            old, fx = flat[i], []
+            for x in (old + h, old - h):
                 flat[i] = x
                 fx.append(float(f(*inputs).data))
+            flat[i] = old
             num, ana = (fx[0] - fx[1]) / (2 * h), t.grad.reshape(-1)[i]
             worst = max(worst, abs(num - ana) / max(abs(num) + abs(ana), floor))
     return worst
@@ -230,7 +231,7 @@ class GPT:
         def linear(n_out, n_in, std=0.02):
             return Linear(normal(n_out, n_in, std=std),
                           Tensor(np.zeros(n_out, dtype), requires_grad=True))
-        proj = 0.02 / math.sqrt(2 * L)      # residual projections: variance flat over depth
+        proj = 0.02 / math.sqrt(2 * L)      # residual projections (2 a block): flat variance
         m = {"transformer.wte": Embedding(normal(cfg.vocab_size, C)),
              "transformer.wpe": Embedding(normal(cfg.block_size, C))}
         for h in (f"transformer.h.{i}" for i in range(L)):
@@ -313,10 +314,10 @@ def get_batch(data, batch_size, block_size, rng):
 class AdamW:
     """Adam with decoupled weight decay (Loshchilov & Hutter), as torch and tinylora.optim:
         p ← p·(1 − lr·wd);  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²
-        p ← p − lr · m̂ / (√v̂ + ε),  m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ)  (m, v start at 0: too small)"""
+        p ← p − lr · m̂ / (√v̂ + ε),   m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ): unbiased, though m, v start at 0"""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
-        self.params = list(params)
+        self.params = [p for p in params if p.requires_grad]
         self.lr, (self.b1, self.b2), self.eps, self.wd, self.t = lr, betas, eps, weight_decay, 0
         self.m = [np.zeros_like(p.data) for p in self.params]
         self.v = [np.zeros_like(p.data) for p in self.params]
@@ -466,9 +467,9 @@ def linspace32(a, b, num):
     return np.where(i < num // 2, a + step * i, b - step * (num - 1 - i)).astype(np.float32)
 
 def nf4_levels(top=0.9677083):
-    """Normal quantiles Q(p) for 8 p evenly from `top` to 0.5, 0, and 7 mirrored, over the
-    largest. Q(1) = ∞, so top is the mean of 1 - 1/32 and 1 - 1/30 (the middles of the last of
-    16 and of 15 equal bins), to 7 digits, its p in float32 steps: as bitsandbytes made them."""
+    """Normal quantiles Q(p) for 8 p in even float32 steps from `top` to 0.5 (left out), minus
+    those for 7 such p, and 0, over the largest: as bitsandbytes made them. Q(1) = ∞, so top is
+    1 - (1/32 + 1/30)/2 to 7 digits: between the middles of the last of 16 and of 15 equal bins."""
     Q = statistics.NormalDist().inv_cdf
     v = np.array([Q(float(p)) for p in linspace32(top, 0.5, 9)[:-1]] + [0.0] +
                  [-Q(float(p)) for p in linspace32(top, 0.5, 8)[:-1]], np.float32)
