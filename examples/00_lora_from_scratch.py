@@ -42,7 +42,8 @@ class Tensor:
 
     def __mul__(self, other):   # y = a * b  ->  da = dy * b,  db = dy * a
         a, b = self, self._lift(other)
-        return Tensor(a.data * b.data, (a, b), lambda g: (g * b.data, g * a.data))
+        return Tensor(a.data * b.data, (a, b), lambda g: (g * b.data if a.requires_grad else None,
+                                                          g * a.data if b.requires_grad else None))
 
     def __pow__(self, k):       # y = aᵏ (k a number)  ->  da = dy * k·aᵏ⁻¹
         return Tensor(self.data ** k, (self,), lambda g: (g * k * self.data ** (k - 1),))
@@ -112,8 +113,9 @@ class Tensor:
 
 def unbroadcast(g, shape):
     """Sum g back to `shape`: a broadcast input is used once per copy; its gradient sums them."""
-    g = g.sum(axis=tuple(range(g.ndim - len(shape))))         # axes that broadcasting added
-    return g.sum(axis=tuple(i for i, n in enumerate(shape) if n == 1), keepdims=True)
+    g = g.sum(axis=tuple(range(g.ndim - len(shape)))) if g.ndim > len(shape) else g  # new axes
+    ones = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)    # stretched 1s
+    return g.sum(axis=ones, keepdims=True) if ones else g
 
 # Composite functions: a few ops each, differentiated by the chain rule for free.
 def log_softmax(x, axis=-1):   # x - log Σ eˣ; subtracting the row max c first keeps exp finite
@@ -349,8 +351,7 @@ def train(model, data, steps, lr, batch_size, seed=0, weight_decay=0.0, log=0):
             print(f"  step {step:4d}  loss {float(loss.data):.3f}")
     return model
 
-def evaluate(model, data, batch_size, batches=4):
-    """Mean loss on fixed batches (a fixed seed: every model sees the same ones)."""
+def evaluate(model, data, batch_size, batches=4):   # mean loss; every model, the same batches
     rng = np.random.default_rng(1234)
     return float(np.mean([model(*get_batch(data, batch_size, model.cfg.block_size, rng))[1].data
                           for _ in range(batches)]))
