@@ -17,12 +17,12 @@ exact 0 and 1.0, give 2*(1+2+...+64) + 2 = 256 sorted levels from -0.99297 to 1.
 """
 from __future__ import annotations
 
-from ..backend import np, xp
+from ..backend import np, to_numpy, xp
 
 __all__ = [
     "create_dynamic_map", "DYNAMIC_MAP",
     "quantize_blockwise_8bit", "dequantize_blockwise_8bit",
-    "double_quantize", "double_dequantize",
+    "double_quantize", "double_dequantize", "torch_float32_sum",
 ]
 
 
@@ -84,17 +84,24 @@ DYNAMIC_MAP = create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)
 DYNAMIC_MAP.setflags(write=False)
 
 
+# The 8-bit search snaps a scaled value onto a grid of 65536 points over [-1, 1] before
+# picking a level: bitsandbytes' CPU kernel looks codes up in a 65536-entry table so.
+_GRID = 65535                       # grid steps: point i is -1 + 2i/65535
+
+
 def quantize_blockwise_8bit(values, code=None, blocksize: int = 256):
-    """8-bit blockwise quantization of a 1-D float32 array: nearest level of ``code`` per value.
+    """8-bit blockwise quantization of a 1-D float32 array, bitsandbytes' CPU rule.
 
     values (n,) float32 -> (codes (n,) uint8, absmax (ceil(n/blocksize),) float32).
 
-    The same rule as the 4-bit path: each block is multiplied by the float32 reciprocal of
-    its absmax (clamped at 1e-38, so an all-zero block scales to zeros and gets the code of
-    0.0), and a value gets the number of float32 midpoints strictly below it, i.e. the
-    nearest level with a tie going to the lower code. This is the rule of bitsandbytes' CUDA
-    kernel and of its pure-PyTorch backend; its optional CPU C++ kernel searches
-    approximately and occasionally picks the second-nearest level.
+    Per block: absmax = max |v|; s = clamp(v · (1/absmax), -1, 1) in float32. Then s is
+    snapped to the nearest of 65536 grid points, i = trunc((s + 1)/2 · 65535 + 1/2), and the
+    code is the nearest level to that point g = -1 + 2i/65535: the number of float32 level
+    midpoints strictly below g (a tie goes to the lower code). This is the lookup table of
+    bitsandbytes' CPU kernel (0.50), so the codes equal its codes byte for byte. Its CUDA
+    kernel searches the levels themselves: the two rules differ only for values within half
+    a grid step (1.5e-5) of a midpoint, where either level is as near to a 1e-5. A block
+    whose values are all zero gets code 0 (absmax 0 makes every value 0 again), as there.
     """
     code = xp.asarray(DYNAMIC_MAP if code is None else code, dtype=xp.float32)
     if code.shape != (256,):
@@ -106,11 +113,15 @@ def quantize_blockwise_8bit(values, code=None, blocksize: int = 256):
     padded[:n] = v                      # zero padding leaves every block's absmax unchanged
     blocks = padded.reshape(n_blocks, blocksize)
     absmax = xp.max(xp.abs(blocks), axis=1)
-    inv = xp.float32(1.0) / xp.maximum(absmax, xp.float32(1e-38))
-    scaled = (blocks * inv[:, None]).reshape(-1)[:n]
-    midpoints = (code[:-1] + code[1:]) / xp.float32(2.0)
-    codes = xp.searchsorted(midpoints, scaled, side="left")
-    return codes.astype(xp.uint8), absmax
+    one, half = xp.float32(1.0), xp.float32(0.5)
+    inv = one / xp.maximum(absmax, xp.float32(1e-38))
+    s = xp.clip(blocks * inv[:, None], -one, one)
+    i = xp.trunc((s + one) * half * xp.float32(_GRID) + half)           # grid index, float32
+    g = -one + (xp.float32(2.0) * i) / xp.float32(_GRID)               # the grid point
+    midpoints = half * (code[:-1] + code[1:])
+    codes = xp.searchsorted(midpoints, g.reshape(-1), side="left").reshape(n_blocks, blocksize)
+    codes[absmax == 0] = 0
+    return codes.reshape(-1)[:n].astype(xp.uint8), absmax
 
 
 def dequantize_blockwise_8bit(codes, code, absmax, blocksize: int = 256):
@@ -123,14 +134,65 @@ def dequantize_blockwise_8bit(codes, code, absmax, blocksize: int = 256):
     return code[codes] * absmax[block_of]
 
 
+def torch_float32_sum(x) -> np.float32:
+    """sum(x) of a 1-D float32 array in float32, in the order of PyTorch's CPU kernel.
+
+    bitsandbytes' offset is ``absmax.mean()`` in PyTorch: a float32 sum, then / n. Float
+    addition is not associative, so the last bit depends on the order, which is PyTorch's
+    (one thread): 8 lanes side by side, in 4 interleaved vector accumulators; consecutive
+    runs of ``step`` rows (of 4 vectors) are summed one after another, and the run sums meet
+    in a cascade (every ``step`` runs into a second level, every step² into a third), with
+    step = 2^max(4, ⌈log2 rows⌉ // 4). Then the last partial run, the levels, the vectors left
+    over, the 4 accumulators, the scalars left over and the 8 lanes are added in turn.
+    Above 32768 values PyTorch splits the sum across its threads, so bitsandbytes' offset
+    then depends in its last bit on the thread count; this is the 1-thread order.
+    """
+    x = np.asarray(x, dtype=np.float32).reshape(-1)
+    f32, n = np.float32, x.size
+    if n < 8:                                        # no whole vector: 4 interleaved sums
+        acc = np.zeros(4, f32)
+        acc[:min(n, 4)] = x[:4]
+        for v in x[4:]:
+            acc[0] += v
+        return f32(f32(0) + ((acc[0] + acc[1]) + acc[2]) + acc[3])
+    n_vec = n // 8
+    rows = n_vec // 4                                # rows of 4 vectors of 8 lanes
+    step = 1 << max(4, (rows - 1).bit_length() // 4)           # (rows-1).bit_length() = ⌈log2 rows⌉
+    grid = x[: rows * 32].reshape(rows, 4, 8)
+    full = rows // step
+    runs = np.cumsum(grid[: full * step].reshape(full, step, 4, 8), axis=1)[:, -1]  # sequential
+    level = np.zeros((4, 4, 8), f32)                 # the cascade's levels 1..3 (0 unused)
+    for r, run in enumerate(runs, 1):
+        level[1] += run
+        if r % step == 0:
+            level[2] += level[1]
+            level[1] = 0
+            if r % step ** 2 == 0:
+                level[3] += level[2]
+                level[2] = 0
+    tail = grid[full * step:]
+    acc = np.cumsum(tail, axis=0)[-1] if len(tail) else np.zeros((4, 8), f32)
+    acc = ((acc + level[1]) + level[2]) + level[3]
+    lanes = acc[0]
+    for k in range(rows * 4, n_vec):                 # vectors left over from the rows of 4
+        lanes = lanes + x[k * 8: k * 8 + 8]
+    lanes = ((lanes + acc[1]) + acc[2]) + acc[3]
+    total = f32(0)
+    for v in np.concatenate([x[n_vec * 8:], lanes]):  # scalars left over, then the lanes
+        total = f32(total + v)
+    return total
+
+
 def double_quantize(absmax, blocksize: int = 256, code=None):
     """Quantize per-block 4-bit scales: (n_blocks,) float32 -> (codes uint8, nested_absmax, offset).
 
-    offset is the mean of all absmax values, accumulated in float64 and rounded once to
-    float32 (returned as a Python float holding that float32 value exactly).
+    offset = mean(absmax) as bitsandbytes computes it (a float32 sum in PyTorch's order, then
+    / n in float32; see ``torch_float32_sum``), returned as a Python float holding that
+    float32 value exactly. The centred scales absmax - offset get 8-bit codes in blocks of 256.
     """
     absmax = xp.asarray(absmax, dtype=xp.float32)
-    offset = float(np.float32(float(xp.mean(absmax, dtype=xp.float64))))
+    n = int(absmax.size)
+    offset = float(np.float32(torch_float32_sum(to_numpy(absmax)) / np.float32(n)))
     centred = absmax - np.float32(offset)
     codes, nested_absmax = quantize_blockwise_8bit(centred, code, blocksize)
     return codes, nested_absmax, offset
