@@ -7,7 +7,7 @@ computes (loss, every gradient, AdamW steps, NF4 bytes, the adapter file).
 
     python examples/00_lora_from_scratch.py [--quick] [--text file_to_fine_tune_on.py]
 """
-import argparse, copy, inspect, json, math, os, statistics, struct, time  # noqa: E401
+import argparse, copy, inspect, json, math, os, struct, time  # noqa: E401
 from dataclasses import dataclass
 
 import numpy as np
@@ -534,64 +534,72 @@ if MAIN:
 # absmax, a block of 64 lies in [-1, 1]. NF4's 16 levels are quantiles of the normal
 # distribution (each level equally likely: information-theoretically best for normal data),
 # with an exact 0: 8 positive, 7 negative, scaled to [-1, 1]. Stored as the float32 bits
-# bitsandbytes writes; recomputed from the normal quantiles below, they agree to ~1e-7.
+# bitsandbytes writes (tests/test_nf4.py recomputes them from the quantiles: within 2e-7).
 
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
                 -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-                0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
-                0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-                0.7229568362236023, 1.0], np.float32)
-
-def nf4_from_quantiles():
-    """The outermost probability cannot be 1 (its quantile is infinite): QLoRA takes the
-    midpoints of the last of 16 and of 15 equal-probability bins, averaged."""
-    Q, off = statistics.NormalDist().inv_cdf, 1 - (1 / 32 + 1 / 30) / 2
-    pos = [Q(off + (0.5 - off) * i / 8) for i in range(8)]      # 9 points off..0.5, 0.5 dropped
-    neg = [-Q(off + (0.5 - off) * i / 7) for i in range(7)]     # 8 points, 0.5 dropped
-    v = np.sort(np.array(pos + [0.0] + neg))
-    return v / v.max()
-
-def linspace32(a, b, num):
-    """float32 points, each rounded once from the nearer end (torch.linspace, which made
-    bitsandbytes' map)."""
-    a, b = np.float32(a), np.float32(b)
-    step, i = np.float64((b - a) / np.float32(num - 1)), np.arange(num, dtype=np.float64)
-    return np.where(i < num // 2, a + step * i, b - step * (num - 1 - i)).astype(np.float32)
+                0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
 
 def dynamic_map():
     """bitsandbytes' signed 8-bit "dynamic" map, for the double quantization: for exponent
     e = 0..6, 2ᵉ evenly spread fractions in [0.1, 1] times 10^(e-6), both signs, plus 0 and
-    1: 256 sorted levels, fine near ±1 and coarse near 0."""
-    levels = [np.float32(0.0), np.float32(1.0)]
+    1: 256 sorted levels, fine near ±1 and coarse near 0. The fractions are the midpoints of
+    torch.linspace(0.1, 1, 2ᵉ + 1) in float32, which rounds each point from the nearer end."""
+    a, b, levels = np.float32(0.1), np.float32(1.0), [np.float32(0.0), np.float32(1.0)]
     for e in range(7):
-        edges = linspace32(0.1, 1.0, 2 ** e + 1)
+        n, i = 2 ** e + 1, np.arange(2 ** e + 1, dtype=np.float64)
+        step = np.float64((b - a) / np.float32(n - 1))
+        edges = np.where(i < n // 2, a + step * i, b - step * (n - 1 - i)).astype(np.float32)
         mid = (edges[:-1] + edges[1:]) / np.float32(2) * np.float32(10.0 ** (e - 6))
         levels += list(mid) + list(-mid)
     return np.sort(np.array(levels, np.float32))
 
 DYNAMIC = dynamic_map()
 
-def quantize_blocks(x, levels, blocksize):
-    """float32 x (n,) -> (codes uint8 (n, padded to whole blocks), absmax float32 per block).
-    A value's code is its nearest level: the number of float32 midpoints strictly below it
-    (a tie goes down), once its block is multiplied by the float32 reciprocal of its absmax."""
-    x = np.concatenate([x, np.zeros(-x.size % blocksize, np.float32)])  # zeros keep absmax
-    blocks = x.reshape(-1, blocksize)
+def quantize_blocks(x, levels, blocksize, grid=False):
+    """float32 x (n,) -> (codes uint8 (n, padded to whole blocks), absmax float32 per block):
+    the nearest level (the number of float32 midpoints strictly below; a tie goes down) to x
+    times its block's float32 1/absmax (x / absmax in a partial last block, as bitsandbytes'
+    CPU path). grid=True, its 8-bit rule: first snap to the nearest point -1 + 2i/65535 (its
+    lookup table); an all-zero block gets code 0."""
+    blocks = np.concatenate([x, np.zeros(-x.size % blocksize, np.float32)]).reshape(-1, blocksize)
     absmax = np.abs(blocks).max(axis=1)
     scaled = blocks * (np.float32(1) / np.maximum(absmax, np.float32(1e-38)))[:, None]
+    if grid:
+        i = np.trunc((np.clip(scaled, -1, 1) + 1) * 0.5 * 65535 + 0.5)     # float32 throughout
+        scaled = np.where(absmax[:, None] == 0, -1, -1 + 2 * i / 65535)
+    elif x.size % blocksize:
+        absmax[-1] = max(absmax[-1], np.float32(1e-38))
+        scaled[-1] = blocks[-1] / absmax[-1]
     midpoints = (levels[:-1] + levels[1:]) / np.float32(2)
     return np.searchsorted(midpoints, scaled.reshape(-1), side="left").astype(np.uint8), absmax
+
+def torch_sum32(x):
+    """float32 sum in PyTorch's CPU order (bitsandbytes' offset is its absmax.mean(); float + is
+    not associative): rows of 4 accumulators x 8 lanes (1 below 8 values) summed in runs of
+    `step`, the runs in groups, the groups in supergroups; then the leftovers, one by one."""
+    lanes, n_vec = (8, x.size // 8) if x.size >= 8 else (1, x.size)
+    rows, step = n_vec // 4, 1 << max(4, (n_vec // 4 - 1).bit_length() // 4)
+    tree = np.zeros((max(1, -(-rows // step ** 3)) * step ** 3, 4, lanes), np.float32)
+    tree[:rows] = x[:rows * 4 * lanes].reshape(rows, 4, lanes)   # zero padding adds exactly
+    for _ in range(3):                                            # cumsum adds one at a time
+        tree = np.cumsum(tree.reshape(-1, step, 4, lanes), axis=1)[:, -1]
+    acc = np.cumsum(tree, axis=0)[-1]
+    left = x[rows * 4 * lanes:n_vec * lanes].reshape(-1, lanes)         # vectors left over
+    acc[0] = np.cumsum(np.concatenate([acc[:1], left]), axis=0)[-1]
+    return np.cumsum(np.concatenate([x[n_vec * lanes:], ((acc[0] + acc[1]) + acc[2]) + acc[3]]))[-1]
 
 def nf4_quantize(w, blocksize=64):
     """NF4 with double quantization, byte for byte the format of bitsandbytes (and tinylora).
     Returns the packed bytes (two codes a byte, the first in the high nibble) and the state."""
     codes, absmax = quantize_blocks(np.asarray(w, np.float32).reshape(-1), NF4, blocksize)
     packed = ((codes[0::2] << 4) | codes[1::2])[:(w.size + 1) // 2]
-    # double quantization: the float32 absmax values (one per 64 weights) become 8-bit codes
-    # in blocks of 256, after subtracting their mean so that the map's resolution goes to
-    # their spread: 32/64 bits per weight fall to 8/64 + 32/(64·256)
-    offset = np.float32(np.mean(absmax, dtype=np.float64))
-    codes8, nested_absmax = quantize_blocks(absmax - offset, DYNAMIC, 256)
+    # double quantization: the float32 absmax values (one per 64 weights) minus their mean (so the
+    # map's resolution goes to their spread) become 8-bit codes in blocks of 256: 32/64 bits per
+    # weight fall to 8/64 + 32/(64·256)
+    offset = torch_sum32(absmax) / np.float32(absmax.size)
+    codes8, nested_absmax = quantize_blocks(absmax - offset, DYNAMIC, 256, grid=True)
     return packed, dict(absmax=codes8[:absmax.size], nested_absmax=nested_absmax,
                         offset=float(offset), quant_map=NF4, nested_quant_map=DYNAMIC,
                         blocksize=blocksize, shape=w.shape)
@@ -612,21 +620,18 @@ class Linear4bit(Module):
     @property
     def weight(self):                       # a constant: no gradient ever flows into it
         return Tensor(nf4_dequantize(self.packed, self.state).astype(self.dtype))
-    def __call__(self, x):
-        return Linear(self.weight, self.bias)(x)
+    def __call__(self, x): return Linear(self.weight, self.bias)(x)
     def nbytes(self):                       # codes, 8-bit scales, their scales, the offset
         return self.packed.nbytes + self.state["absmax"].nbytes + self.state["nested_absmax"].nbytes + 4
 
 if MAIN:
-    print(f"\nNF4 levels from the normal quantiles vs the stored table: max difference "
-          f"{np.abs(nf4_from_quantiles() - NF4).max():.1e}")
     qlora_model = clone(base)
     for path in [p for p in qlora_model.modules if p.rsplit(".", 1)[-1] in TARGETS]:
         qlora_model.modules[path] = Linear4bit(qlora_model.modules[path])
     add_lora(qlora_model, r=8, alpha=16, seed=ARGS.seed)
     q4 = [m.base for m in qlora_model.modules.values() if isinstance(m, LoRALinear)]
     n_w, q_bytes = sum(m.out_features * m.in_features for m in q4), sum(m.nbytes() for m in q4)
-    print(f"4-bit base: {q_bytes:,} bytes for {n_w:,} weights: {q_bytes / n_w:.4f} bytes "
+    print(f"\n4-bit base: {q_bytes:,} bytes for {n_w:,} weights: {q_bytes / n_w:.4f} bytes "
           f"({8 * q_bytes / n_w:.3f} bits) per parameter, against 4 bytes in float32")
     w0 = base.modules["transformer.h.0.mlp.c_fc"].weight.data
     err = np.abs(nf4_dequantize(*nf4_quantize(w0)) - w0).mean() / np.abs(w0).mean()

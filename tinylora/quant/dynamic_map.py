@@ -139,48 +139,30 @@ def torch_float32_sum(x) -> np.float32:
 
     bitsandbytes' offset is ``absmax.mean()`` in PyTorch: a float32 sum, then / n. Float
     addition is not associative, so the last bit depends on the order, which is PyTorch's
-    (one thread): 8 lanes side by side, in 4 interleaved vector accumulators; consecutive
-    runs of ``step`` rows (of 4 vectors) are summed one after another, and the run sums meet
-    in a cascade (every ``step`` runs into a second level, every step² into a third), with
-    step = 2^max(4, ⌈log2 rows⌉ // 4). Then the last partial run, the levels, the vectors left
-    over, the 4 accumulators, the scalars left over and the 8 lanes are added in turn.
-    Above 32768 values PyTorch splits the sum across its threads, so bitsandbytes' offset
-    then depends in its last bit on the thread count; this is the 1-thread order.
+    (one thread): lanes of 8 values side by side (1 lane below 8 values) in 4 interleaved
+    accumulators, i.e. rows of 4 x 8; the rows are summed one at a time within runs of
+    ``step``, the runs within groups of ``step``, the groups within supergroups of ``step``,
+    and the supergroups in turn (step = 2^max(4, ⌈log2 rows⌉ // 4): PyTorch's 4-level
+    cascade, whose merge order this tree reproduces exactly, since zero padding and a + b =
+    b + a are exact). Then the leftover vectors, the 4 accumulators, the leftover values
+    and the lanes are added one at a time. Above 32768 values PyTorch splits the sum across
+    its threads, so bitsandbytes' offset then depends in its last bit on the thread count;
+    this is the 1-thread order.
     """
     x = np.asarray(x, dtype=np.float32).reshape(-1)
-    f32, n = np.float32, x.size
-    if n < 8:                                        # no whole vector: 4 interleaved sums
-        acc = np.zeros(4, f32)
-        acc[:min(n, 4)] = x[:4]
-        for v in x[4:]:
-            acc[0] += v
-        return f32(f32(0) + ((acc[0] + acc[1]) + acc[2]) + acc[3])
-    n_vec = n // 8
-    rows = n_vec // 4                                # rows of 4 vectors of 8 lanes
-    step = 1 << max(4, (rows - 1).bit_length() // 4)           # (rows-1).bit_length() = ⌈log2 rows⌉
-    grid = x[: rows * 32].reshape(rows, 4, 8)
-    full = rows // step
-    runs = np.cumsum(grid[: full * step].reshape(full, step, 4, 8), axis=1)[:, -1]  # sequential
-    level = np.zeros((4, 4, 8), f32)                 # the cascade's levels 1..3 (0 unused)
-    for r, run in enumerate(runs, 1):
-        level[1] += run
-        if r % step == 0:
-            level[2] += level[1]
-            level[1] = 0
-            if r % step ** 2 == 0:
-                level[3] += level[2]
-                level[2] = 0
-    tail = grid[full * step:]
-    acc = np.cumsum(tail, axis=0)[-1] if len(tail) else np.zeros((4, 8), f32)
-    acc = ((acc + level[1]) + level[2]) + level[3]
-    lanes = acc[0]
-    for k in range(rows * 4, n_vec):                 # vectors left over from the rows of 4
-        lanes = lanes + x[k * 8: k * 8 + 8]
-    lanes = ((lanes + acc[1]) + acc[2]) + acc[3]
-    total = f32(0)
-    for v in np.concatenate([x[n_vec * 8:], lanes]):  # scalars left over, then the lanes
-        total = f32(total + v)
-    return total
+    lanes = 8 if x.size >= 8 else 1
+    n_vec = x.size // lanes
+    rows = n_vec // 4
+    step = 1 << max(4, (rows - 1).bit_length() // 4)             # (rows-1).bit_length() = ⌈log2 rows⌉
+    tree = np.zeros((max(1, -(-rows // step ** 3)) * step ** 3, 4, lanes), np.float32)
+    tree[:rows] = x[: rows * 4 * lanes].reshape(rows, 4, lanes)
+    for _ in range(3):                                # runs, groups, supergroups
+        tree = np.cumsum(tree.reshape(-1, step, 4, lanes), axis=1)[:, -1]   # cumsum: in order
+    acc = np.cumsum(tree, axis=0)[-1]                 # (4, lanes)
+    leftover = x[rows * 4 * lanes: n_vec * lanes].reshape(-1, lanes)
+    acc[0] = np.cumsum(np.concatenate([acc[:1], leftover]), axis=0)[-1]
+    lane_sums = ((acc[0] + acc[1]) + acc[2]) + acc[3]
+    return np.cumsum(np.concatenate([x[n_vec * lanes:], lane_sums]))[-1]
 
 
 def double_quantize(absmax, blocksize: int = 256, code=None):
