@@ -1,6 +1,7 @@
-"""GPT.from_hf on a GPT-2 folder saved pre-quantized by transformers with bitsandbytes
-(tests/fixtures/gpt2_bnb, made by tests/fixtures/make_gpt2_bnb_fixtures.py: NF4, double
-quantization), and Linear4bit taking bitsandbytes' state dict as it is."""
+"""Folders saved pre-quantized by transformers with bitsandbytes (NF4, double quantization):
+GPT.from_hf on tests/fixtures/gpt2_bnb (made by tests/fixtures/make_gpt2_bnb_fixtures.py),
+Linear4bit taking bitsandbytes' state dict as it is, and tinylora's own quantization of the
+float Llama equal to bitsandbytes' folder byte for byte (tinylora.quant.prequantized)."""
 import json
 import pathlib
 import shutil
@@ -11,10 +12,11 @@ import tinylora as tl
 from tinylora import backend, lora
 from tinylora.backend import np
 from tinylora.io import FormatError, load_safetensors
-from tinylora.models import GPT
-from tinylora.quant import Linear4bit
+from tinylora.models import GPT, Llama
+from tinylora.quant import Linear4bit, quantize_model
 
 FIX = pathlib.Path(__file__).parent / "fixtures" / "gpt2_bnb"
+LLAMA = pathlib.Path(__file__).parent / "fixtures" / "llama"
 LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
@@ -116,3 +118,16 @@ def test_float_folder_with_4bit_tensors_is_refused(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FormatError, match="unexpected tensor"):
         GPT.from_hf(d)
+
+
+def test_quantize_model_gives_bitsandbytes_bytes():
+    """quantize_model on the float llama_q4 (NF4, double quantization) writes every tensor of
+    llama_q4_bnb, which bitsandbytes quantized from the same weights, byte for byte."""
+    m = Llama.from_hf(LLAMA / "llama_q4")
+    quantize_model(m, double_quant=True, print_fn=None)
+    ours, theirs = m.state_dict(), Llama.from_hf(LLAMA / "llama_q4_bnb").state_dict()
+    assert ours.keys() == theirs.keys() and any(k.endswith(".nested_absmax") for k in ours)
+    for k in ours:
+        assert backend.to_numpy(ours[k].data).tobytes() == backend.to_numpy(theirs[k].data).tobytes(), k
+    r = load_safetensors(LLAMA / "llama_q4_bnb" / "reference.safetensors")[0]
+    assert np.abs(_logits(m, r["input_ids"]) - r["logits"]).max() < 1e-4
