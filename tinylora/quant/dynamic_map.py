@@ -14,6 +14,13 @@ level i covers magnitudes in [0.1, 1] * 10^(i-6) with 2^i evenly spaced values (
 midpoints of linspace(0.1, 1, 2^i + 1)). Small exponents get few fraction bits and large
 ones many, so relative precision is coarse near zero and fine near 1. Both signs, plus an
 exact 0 and 1.0, give 2*(1+2+...+64) + 2 = 256 sorted levels from -0.99297 to 1.0.
+
+The bytes equal those of bitsandbytes 0.50 on the CPU (tests/fixtures/nf4 were made so): its
+8-bit codes come from a 65536-entry lookup table (``quantize_blockwise_8bit``) and its offset
+is PyTorch's float32 mean (``torch_float32_sum``). Its CUDA kernel searches the levels
+themselves and PyTorch on a GPU sums in another order, so a checkpoint quantized on a GPU may
+differ from tinylora's in a few scale codes and in the offset's last bit; a loaded
+checkpoint keeps its own bytes.
 """
 from __future__ import annotations
 
