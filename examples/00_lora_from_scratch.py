@@ -491,27 +491,49 @@ def dynamic_map():
 
 DYNAMIC = dynamic_map()
 
-def quantize_blocks(x, levels, blocksize):
-    """float32 x (n,) -> (codes uint8 (n, padded to whole blocks), absmax float32 per block).
-    A value's code is its nearest level: the number of float32 midpoints strictly below it
-    (a tie goes down), once its block is multiplied by the float32 reciprocal of its absmax."""
-    x = np.concatenate([x, np.zeros(-x.size % blocksize, np.float32)])  # zeros keep absmax
-    blocks = x.reshape(-1, blocksize)
+def quantize_blocks(x, levels, blocksize, grid=False):
+    """float32 x (n,) -> (codes uint8 (n, padded to whole blocks), absmax float32 per block):
+    the nearest level (the number of float32 midpoints strictly below; a tie goes down) to x
+    times its block's float32 1/absmax (x / absmax in a partial last block, as bitsandbytes'
+    CPU path). grid=True, its 8-bit rule: first snap to the nearest point -1 + 2i/65535 (its
+    lookup table); an all-zero block gets code 0."""
+    blocks = np.concatenate([x, np.zeros(-x.size % blocksize, np.float32)]).reshape(-1, blocksize)
     absmax = np.abs(blocks).max(axis=1)
     scaled = blocks * (np.float32(1) / np.maximum(absmax, np.float32(1e-38)))[:, None]
+    if grid:
+        i = np.trunc((np.clip(scaled, -1, 1) + 1) * 0.5 * 65535 + 0.5)     # float32 throughout
+        scaled = np.where(absmax[:, None] == 0, -1, -1 + 2 * i / 65535)
+    elif x.size % blocksize:
+        absmax[-1] = max(absmax[-1], np.float32(1e-38))
+        scaled[-1] = blocks[-1] / absmax[-1]
     midpoints = (levels[:-1] + levels[1:]) / np.float32(2)
     return np.searchsorted(midpoints, scaled.reshape(-1), side="left").astype(np.uint8), absmax
+
+def torch_sum32(x):
+    """float32 sum in PyTorch's CPU order (bitsandbytes' offset is its absmax.mean(); float + is
+    not associative): rows of 4 accumulators x 8 lanes (1 below 8 values) summed in runs of
+    `step`, the runs in groups, the groups in supergroups; then the leftovers, one by one."""
+    lanes, n_vec = (8, x.size // 8) if x.size >= 8 else (1, x.size)
+    rows, step = n_vec // 4, 1 << max(4, (n_vec // 4 - 1).bit_length() // 4)
+    tree = np.zeros((max(1, -(-rows // step ** 3)) * step ** 3, 4, lanes), np.float32)
+    tree[:rows] = x[:rows * 4 * lanes].reshape(rows, 4, lanes)   # zero padding adds exactly
+    for _ in range(3):                                            # cumsum adds one at a time
+        tree = np.cumsum(tree.reshape(-1, step, 4, lanes), axis=1)[:, -1]
+    acc = np.cumsum(tree, axis=0)[-1]
+    left = x[rows * 4 * lanes:n_vec * lanes].reshape(-1, lanes)         # vectors left over
+    acc[0] = np.cumsum(np.concatenate([acc[:1], left]), axis=0)[-1]
+    return np.cumsum(np.concatenate([x[n_vec * lanes:], ((acc[0] + acc[1]) + acc[2]) + acc[3]]))[-1]
 
 def nf4_quantize(w, blocksize=64):
     """NF4 with double quantization, byte for byte the format of bitsandbytes (and tinylora).
     Returns the packed bytes (two codes a byte, the first in the high nibble) and the state."""
     codes, absmax = quantize_blocks(np.asarray(w, np.float32).reshape(-1), NF4, blocksize)
     packed = ((codes[0::2] << 4) | codes[1::2])[:(w.size + 1) // 2]
-    # double quantization: the float32 absmax values (one per 64 weights) become 8-bit codes
-    # in blocks of 256, after subtracting their mean so that the map's resolution goes to
-    # their spread: 32/64 bits per weight fall to 8/64 + 32/(64·256)
-    offset = np.float32(np.mean(absmax, dtype=np.float64))
-    codes8, nested_absmax = quantize_blocks(absmax - offset, DYNAMIC, 256)
+    # double quantization: the float32 absmax values (one per 64 weights) minus their mean (so the
+    # map's resolution goes to their spread) become 8-bit codes in blocks of 256: 32/64 bits per
+    # weight fall to 8/64 + 32/(64·256)
+    offset = torch_sum32(absmax) / np.float32(absmax.size)
+    codes8, nested_absmax = quantize_blocks(absmax - offset, DYNAMIC, 256, grid=True)
     return packed, dict(absmax=codes8[:absmax.size], nested_absmax=nested_absmax,
                         offset=float(offset), quant_map=NF4, nested_quant_map=DYNAMIC,
                         blocksize=blocksize, shape=w.shape)

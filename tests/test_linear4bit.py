@@ -155,6 +155,25 @@ def test_load_state_dict_between_layers_restores_exactly():
         np.testing.assert_array_equal(va.numpy(), vb.numpy())
 
 
+@pytest.mark.parametrize("case, shape, blocksize", [("nf4_f32_40x50_bs128", (40, 50), 128),
+                                                    ("nf4_f16_93x177_bs64", (93, 177), 64)])
+def test_load_state_dict_takes_bitsandbytes_unpadded_quant_state(case, shape, blocksize):
+    """bitsandbytes' own state (tests/fixtures/nf4), its JSON unpadded: loads and dequantizes
+    to bitsandbytes' values; the JSON is re-encoded at the layer's width, values kept."""
+    import os
+    from safetensors.numpy import load_file
+    t = load_file(os.path.join(os.path.dirname(__file__), "fixtures", "nf4", case + ".safetensors"))
+    sd = {"weight" if k == "dq.packed" else "weight." + k[3:]: v
+          for k, v in t.items() if k.startswith("dq.") and k != "dq.dequant"}
+    layer = Linear4bit(shape[1], shape[0], bias=False, blocksize=blocksize)
+    key = "weight.quant_state.bitsandbytes__nf4"
+    assert sd[key].shape != layer.state_dict()[key].shape        # 173 vs 168 bytes, say
+    layer.load_state_dict(sd)
+    assert json.loads(bytes(tl.backend.to_numpy(layer.state_dict()[key].data))) == json.loads(bytes(sd[key]))
+    got = tl.backend.to_numpy(layer.dequantize(dtype=t["dq.dequant"].dtype))
+    assert got.tobytes() == t["dq.dequant"].reshape(shape).tobytes()
+
+
 def test_requantize_replaces_the_codes_in_place_and_warns():
     _, q = layer_pair()
     tl.manual_seed(5)

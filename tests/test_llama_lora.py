@@ -29,10 +29,8 @@ def gap(model, key, quantized=False):
 
 def base(quantized=False):
     m = Llama.from_hf(Q4 if quantized else GQA)
-    if quantized:
-        # bitsandbytes 0.50.2's CPU double quantization rounds some block scales to the
-        # neighbouring 8-bit code, so the reference base keeps float32 scales
-        quant.quantize_model(m, double_quant=False, print_fn=None)
+    if quantized:   # NF4 with double quantization: bitsandbytes' bytes (the references' base)
+        quant.quantize_model(m, double_quant=True, print_fn=None)
     return m
 
 

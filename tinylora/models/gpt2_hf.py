@@ -7,6 +7,12 @@ the causal-mask buffers ``attn.bias`` / ``attn.masked_bias`` that old files carr
 Every key and shape is checked against the header before any tensor data is read.
 ``save_gpt2_hf`` (``GPT.save_hf``) writes the same layout back, so a merged model loads in
 transformers' ``GPT2LMHeadModel.from_pretrained``.
+
+A folder saved pre-quantized by transformers with bitsandbytes 4-bit (``quantization_config``
+in config.json) loads as it is: transformers quantizes the Conv1D weights transposed, as
+(out, in), which is our Linear's layout, so its 4-bit layers are tinylora's ``Linear4bit``
+state dicts (``tinylora.quant.prequantized``, shared with the Llama loader) and the logits
+are bitsandbytes'.
 """
 from __future__ import annotations
 
@@ -75,7 +81,8 @@ def load_gpt2_hf(cls, folder, *, config_cls, dropout: float = 0.0):
         hint = (f" (found {other[0]}: tinylora reads single-file safetensors only, never pickles; "
                 "convert it with transformers' save_pretrained(safe_serialization=True))") if other else ""
         raise FileNotFoundError(f"GPT.from_hf: {weights} is missing{hint}")
-    config = gpt_config_from_hf(load_json(cfg_path), cfg_path, config_cls, dropout)
+    raw = load_json(cfg_path)
+    config = gpt_config_from_hf(raw, cfg_path, config_cls, dropout)
     model = cls(config)
 
     header, _ = read_safetensors_header(weights)
@@ -83,6 +90,17 @@ def load_gpt2_hf(cls, folder, *, config_cls, dropout: float = 0.0):
     if prefix + "wte.weight" not in header:
         raise FormatError(f"{weights}: no 'transformer.wte.weight' (or 'wte.weight'): "
                           "not a GPT-2 weight file")
+    quantized = ()                                 # paths of the layers the file holds in 4 bits
+    if raw.get("quantization_config") is not None:
+        from ..quant.prequantized import quantize_like_the_file
+
+        def ours_to_file(k):
+            return prefix + k[len("transformer."):]
+        names = ["transformer." + k[len(prefix):] for k in header if k.startswith(prefix)]
+        quantized = set(quantize_like_the_file(
+            model, raw["quantization_config"], names,
+            lambda k: load_safetensors(weights, keys=[ours_to_file(k)])[0][ours_to_file(k)],
+            cfg_path))
     ours = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     to_file = {k: prefix + k[len("transformer."):] for k in ours}
     missing = [f for f in to_file.values() if f not in header]
@@ -96,11 +114,14 @@ def load_gpt2_hf(cls, folder, *, config_cls, dropout: float = 0.0):
     if unexpected:
         raise FormatError(f"{weights}: unexpected tensor(s) {', '.join(unexpected[:6])}; "
                           "this is not a plain GPT-2 checkpoint")
+    conv1d = [k for k in ours if k.endswith(_CONV1D) and k[:-len(".weight")] not in quantized]
     for k, f in to_file.items():
         want = tuple(ours[k].shape)
-        if k.endswith(_CONV1D):
+        if k in conv1d:
             want = want[::-1]                      # Conv1D: (in, out)
         got = tuple(header[f]["shape"])
+        if ".quant_state.bitsandbytes__" in k and len(got) == 1:
+            continue                               # JSON text: its length varies (fitted below)
         if got != want:
             raise FormatError(f"{weights}: tensor {f!r} has shape {got}, expected {want} "
                               "from config.json")
@@ -109,9 +130,15 @@ def load_gpt2_hf(cls, folder, *, config_cls, dropout: float = 0.0):
     state = {}
     for k, f in to_file.items():
         a = arrays.pop(f)
-        if k.endswith(_CONV1D):
+        if k in conv1d:
             a = np.ascontiguousarray(a.T)
         state[k] = a.astype(ours[k].dtype, copy=False)
+    if quantized:   # bitsandbytes' quant-state JSON (unpadded) re-encoded at our layers' width
+        from ..quant.prequantized import fit_quant_states
+        try:
+            state = fit_quant_states(model, state)
+        except ValueError as e:
+            raise FormatError(f"{weights}: {e}") from None
     model.load_weights(state, source=weights)
     return model
 

@@ -9,7 +9,7 @@ before any tensor data is read.
 A folder saved pre-quantized by transformers with bitsandbytes 4-bit
 (``quantization_config``: ``load_in_4bit``, nf4/fp4, with or without double quantization)
 loads as it is: bitsandbytes' per-layer tensors are tinylora's ``Linear4bit`` state dict
-(its quant-state JSON is space-padded to the width tinylora keeps), so no weight is rounded
+(see ``tinylora.quant.prequantized``, shared with GPT-2's loader), so no weight is rounded
 again and the logits are bitsandbytes'.
 
 Config fields that do not change the math (``architectures``, ``initializer_range``,
@@ -18,10 +18,8 @@ that tinylora does not implement is refused with a one-line error naming the fie
 """
 from __future__ import annotations
 
-import json
 import os
 
-from ..backend import np
 from ..io import (FormatError, load_json, load_safetensors, make_folder, read_safetensors_header,
                   save_json, save_safetensors)
 
@@ -74,21 +72,6 @@ def rope_from_hf(cfg: dict, where: str):
     return float(theta), out
 
 
-def bnb_4bit_settings(qc, where: str):
-    """(quant_type, double_quant) of a bitsandbytes 4-bit ``quantization_config``; any other
-    quantization is refused by name."""
-    method = qc.get("quant_method") if isinstance(qc, dict) else qc
-    if method != "bitsandbytes" or not qc.get("load_in_4bit"):
-        what = method if method != "bitsandbytes" else "bitsandbytes 8-bit"
-        _refuse(where, "quantization_config", what, "tinylora reads bitsandbytes 4-bit folders "
-                "(load_in_4bit); load the float checkpoint and quantize it with "
-                "tinylora.quant.quantize_model")
-    qt = qc.get("bnb_4bit_quant_type", "fp4")
-    if qt not in ("nf4", "fp4"):
-        _refuse(where, "quantization_config.bnb_4bit_quant_type", qt, "nf4 or fp4")
-    return qt, bool(qc.get("bnb_4bit_use_double_quant", False))
-
-
 def llama_config_from_hf(cfg: dict, where: str, config_cls):
     """``config_cls`` (LlamaConfig) from a parsed config.json; unsupported variants are
     FormatErrors. The class comes from the caller, so this module does not import llama."""
@@ -106,6 +89,7 @@ def llama_config_from_hf(cfg: dict, where: str, config_cls):
     if act != "silu":
         _refuse(where, "hidden_act", act, "the SwiGLU MLP uses SiLU")
     if cfg.get("quantization_config") is not None:
+        from ..quant.prequantized import bnb_4bit_settings
         bnb_4bit_settings(cfg["quantization_config"], where)
     sliding = cfg.get("use_sliding_window", mt == "llama" and cfg.get("sliding_window") is not None)
     if sliding:
@@ -126,25 +110,6 @@ def llama_config_from_hf(cfg: dict, where: str, config_cls):
             mlp_bias=bool(cfg.get("mlp_bias", False)), model_type=mt)
     except ValueError as e:
         raise FormatError(f"{where}: {e}") from None
-
-
-def _quantize_like_the_file(model, qc, files, where) -> set:
-    """Turn the linear layers that the file stores in 4 bits (bitsandbytes' layout, which is
-    tinylora's Linear4bit state dict) into Linear4bit layers, so the file's codes load as
-    they are. Returns the names of the quant-state JSON tensors (to be space-padded)."""
-    from ..quant import quantize_model
-
-    qt, double_quant = bnb_4bit_settings(qc, where)
-    suffix = ".weight.quant_state.bitsandbytes__" + qt
-    paths = sorted(k[:-len(suffix)] for k in files if k.endswith(suffix))
-    if not paths:
-        raise FormatError(f"{where}: quantization_config says 4-bit {qt}, but no tensor carries "
-                          f"a bitsandbytes quant state ('...{suffix}')")
-    key = paths[0] + suffix
-    meta = json.loads(bytes(load_safetensors(files[key], keys=[key])[0][key]).decode("utf-8"))
-    quantize_model(model, target_modules=paths, blocksize=int(meta["blocksize"]),
-                   double_quant=double_quant, quant_type=qt, skip=(), print_fn=None)
-    return {p + suffix for p in paths}
 
 
 def weight_files(folder: str, who: str = "Llama.from_hf") -> dict:
@@ -187,9 +152,13 @@ def load_llama_hf(cls, folder, config_cls):
     config = llama_config_from_hf(raw, cfg_path, config_cls)
     files = weight_files(folder)
     model = cls(config)
-    padded = set()
-    if raw.get("quantization_config") is not None:
-        padded = _quantize_like_the_file(model, raw["quantization_config"], files, cfg_path)
+    quantized = raw.get("quantization_config") is not None
+    if quantized:   # bitsandbytes' 4-bit layers load as tinylora's Linear4bit (quant.prequantized)
+        from ..quant.prequantized import quantize_like_the_file
+
+        def read(key):
+            return load_safetensors(files[key], keys=[key])[0][key]
+        quantize_like_the_file(model, raw["quantization_config"], files, read, cfg_path)
     ours = model.state_dict()
     want = [k for k in ours if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     missing = [k for k in want if k not in files]
@@ -208,17 +177,20 @@ def load_llama_hf(cls, folder, config_cls):
         header, _ = read_safetensors_header(path)
         for k in keys:
             got, exp = tuple(header[k]["shape"]), tuple(ours[k].shape)
-            if got != exp and not (k in padded and len(got) == 1 and got[0] <= exp[0]):
+            if got != exp and not (".quant_state.bitsandbytes__" in k and len(got) == 1):
                 raise FormatError(f"{path}: tensor {k!r} has shape {got}, expected {exp} "
                                   "from config.json")
     state = {}
     for path, keys in by_file.items():
         arrays, _ = load_safetensors(path, keys=keys)
         for k in keys:
-            a = arrays.pop(k)
-            if k in padded:   # bitsandbytes' quant-state JSON, unpadded: spaces fill it out
-                a = np.concatenate([a, np.full(ours[k].shape[0] - a.shape[0], 32, np.uint8)])
-            state[k] = a.astype(ours[k].dtype, copy=False)
+            state[k] = arrays.pop(k).astype(ours[k].dtype, copy=False)
+    if quantized:   # bitsandbytes' quant-state JSON (unpadded) re-encoded at our layers' width
+        from ..quant.prequantized import fit_quant_states
+        try:
+            state = fit_quant_states(model, state)
+        except ValueError as e:
+            raise FormatError(f"{folder}: {e}") from None
     model.load_weights(state, source=folder)
     return model
 

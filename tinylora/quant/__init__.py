@@ -4,7 +4,8 @@ Array level (this package today): ``nf4_quantize`` / ``nf4_dequantize`` and ``Qu
 byte-compatible with bitsandbytes' ``quantize_4bit`` and its serialized quant state.
 """
 from .dynamic_map import (DYNAMIC_MAP, create_dynamic_map, dequantize_blockwise_8bit,
-                          double_dequantize, double_quantize, quantize_blockwise_8bit)
+                          double_dequantize, double_quantize, quantize_blockwise_8bit,
+                          torch_float32_sum)
 from .fp4 import FP4_LEVELS
 from .int4 import int4_dequantize, int4_quantize, quantization_error
 from .levels import NF4_LEVELS, QUANT_TYPES, code_table
@@ -20,7 +21,7 @@ __all__ = [
     "nf4_quantize", "nf4_dequantize", "quantize_4bit", "dequantize_4bit",
     "pack_4bit", "unpack_4bit",
     "create_dynamic_map", "quantize_blockwise_8bit", "dequantize_blockwise_8bit",
-    "double_quantize", "double_dequantize",
+    "double_quantize", "double_dequantize", "torch_float32_sum",
     "int4_quantize", "int4_dequantize", "quantization_error",
     "Linear4bit", "linear_4bit", "Weight4bit", "QuantizationWarning",
     "quantize_model", "QuantReport",

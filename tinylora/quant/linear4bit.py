@@ -26,6 +26,9 @@ State dict (bitsandbytes' Linear4bit layout, so its files and ours name the same
 The JSON is space-padded to a width fixed by the layer's shape and settings, so every
 layer of one shape has the same state-dict shapes and ``load_state_dict`` between two such
 layers works (JSON ignores the trailing spaces; bitsandbytes reads it the same way).
+``Linear4bit.load_state_dict`` also takes the JSON at any other width, such as the unpadded
+one in bitsandbytes' state dict: it is re-encoded at the layer's width (``fit_state_dict``;
+for a whole model, ``quant.prequantized.fit_quant_states``).
 The float arrays keep float32 under ``model.double()``: their dtype is part of the format.
 """
 from __future__ import annotations
@@ -41,7 +44,7 @@ from ..nn.module import Module, Parameter, ShapeError
 from ..tensor import Tensor, make_result
 from .levels import code_table
 from .nf4 import dequantize_4bit, quantize_4bit
-from .state import QuantState, _dtype_from_name
+from .state import QuantState, _dtype_from_name, _dtype_name
 
 __all__ = ["Linear4bit", "linear_4bit", "Weight4bit", "QuantizationWarning", "StateBuffer",
            "clear_workspace"]
@@ -318,6 +321,48 @@ class Linear4bit(Module):
                           "keeps the merged weight in float", QuantizationWarning, stacklevel=2)
         self._store(W.astype(self.dtype, copy=False))
         return self
+
+    def fit_state_dict(self, state_dict, prefix: str = "") -> dict:
+        """``state_dict`` with this layer's quant-state JSON (key ``prefix`` +
+        ``weight.quant_state.bitsandbytes__<type>``) re-encoded at the layer's width.
+
+        bitsandbytes writes the JSON unpadded (168 bytes where this layer keeps 173, say); the
+        values stay, the padding changes. The JSON must describe a weight like this layer's
+        (shape, block size, quant type, double quantization or not); a bfloat16 ``dtype``
+        becomes float32 (NumPy has no bfloat16; tinylora dequantizes to float32).
+        """
+        key = prefix + _META + self.quant_type
+        if key not in state_dict:
+            return state_dict
+        value = state_dict[key]
+        try:
+            theirs = _decode_metadata(value.data if isinstance(value, Tensor) else value)
+        except (UnicodeDecodeError, ValueError):
+            raise ValueError(f"Linear4bit: {key!r} is not UTF-8 JSON quant-state metadata") from None
+        ours = _metadata(self.quant_state)
+        for name in ("quant_type", "blocksize", "shape"):
+            if theirs.get(name) != ours[name]:
+                raise ValueError(f"Linear4bit: {key!r} has {name}={theirs.get(name)!r}, this layer "
+                                 f"{name}={ours[name]!r}")
+        if ("nested_offset" in theirs) != self.double_quant:
+            raise ValueError(f"Linear4bit: {key!r} is {'' if 'nested_offset' in theirs else 'not '}"
+                             f"double-quantized, this layer has double_quant={self.double_quant}")
+        missing = [k for k in ours if k not in theirs]
+        if missing:
+            raise ValueError(f"Linear4bit: {key!r} lacks {missing}")
+        meta = {k: theirs[k] for k in ours}
+        meta["dtype"] = _dtype_name(_dtype_from_name(str(meta["dtype"])))
+        arr = _encode_metadata(meta)
+        width = self._buffers[_META + self.quant_type].data.shape
+        if arr.shape != width:
+            raise ValueError(f"Linear4bit: {key!r} re-encoded has {arr.size} bytes, this layer "
+                             f"keeps {width[0]}")
+        return {**state_dict, key: arr}
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """As ``Module.load_state_dict``; the quant-state JSON may have any width, such as the
+        unpadded one of bitsandbytes' ``Linear4bit`` state dict (see ``fit_state_dict``)."""
+        return super().load_state_dict(self.fit_state_dict(state_dict), strict)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:

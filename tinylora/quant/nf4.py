@@ -23,12 +23,14 @@ The format
   8 bits (see ``dynamic_map``); the 4-bit codes are the same either way, only the scales
   used to dequantize change.
 
-Where bitsandbytes' own backends differ slightly: tinylora multiplies by the reciprocal in
-every block, as its CUDA kernel (which wrote nearly every published QLoRA checkpoint) does,
-while its pure-PyTorch CPU backend divides in the last partial block (the scaled value can
-move by an ulp, so a value within an ulp of a midpoint may get the other code). For an
-all-zero block tinylora gives code 7 like that CPU backend; the CUDA kernel computes
-0 * inf = NaN there, which its comparison tree sends to code 0. Both dequantize to zeros.
+Where bitsandbytes' own backends differ slightly, tinylora follows its CPU backend (0.50),
+which made the reference fixtures: every full block is multiplied by the float32 reciprocal
+of its absmax (as its CUDA kernel does too), while the last, partial block is divided by its
+absmax clamped at 1e-38 (the scaled value can move by an ulp, so a value within an ulp of a
+midpoint may get the other code than under CUDA; an all-zero partial block stores absmax
+1e-38). For an all-zero full block tinylora gives code 7 like that CPU backend; the CUDA
+kernel computes 0 * inf = NaN there, which its comparison tree sends to code 0. Both
+dequantize to zeros. The double quantization's rules are in ``dynamic_map``.
 """
 from __future__ import annotations
 
@@ -101,10 +103,13 @@ def unpack_4bit(packed, n: int | None = None):
 
 # ----------------------------------------------------------------------------- quantize
 
-def _quantize_rows(rows, quant_type: str, absmax_out, packed_out, scratch) -> None:
+def _quantize_rows(rows, quant_type: str, absmax_out, packed_out, scratch,
+                   divide: bool = False) -> None:
     """Quantize (m, k) float32 rows, one block per row, k even; write absmax and packed bytes.
 
     scratch: (float32, uint8, bool) buffers of at least m*k elements, reused across calls.
+    divide: scale by x / absmax with absmax clamped at 1e-38 (and stored clamped), as
+    bitsandbytes does in the last, partial block; otherwise x · (1/absmax).
     """
     midpoints, rank_to_code = _codebook(quant_type)
     m, k = rows.shape
@@ -114,8 +119,12 @@ def _quantize_rows(rows, quant_type: str, absmax_out, packed_out, scratch) -> No
     xp.max(s, axis=1, out=absmax_out)
     if not bool(xp.all(xp.isfinite(absmax_out))):   # NaN propagates through max
         raise ValueError("cannot quantize an array with inf or NaN values")
-    inv = xp.float32(1.0) / xp.maximum(absmax_out, _TINY)
-    xp.multiply(rows, inv[:, None], out=s)
+    if divide:
+        xp.maximum(absmax_out, _TINY, out=absmax_out)
+        xp.divide(rows, absmax_out[:, None], out=s)
+    else:
+        inv = xp.float32(1.0) / xp.maximum(absmax_out, _TINY)
+        xp.multiply(rows, inv[:, None], out=s)
     flat = s.reshape(-1)
     # rank = #midpoints < value (ties to the lower code). Fifteen compare-and-add passes over
     # a cache-sized chunk beat xp.searchsorted's per-element binary search ~4x on the CPU.
@@ -166,7 +175,8 @@ def quantize_4bit(w, blocksize: int = 64, double_quant: bool = True, quant_type:
         # value quantizes to the code of 0.0, which becomes the odd count's pad nibble.
         row = xp.zeros((1, tail + tail % 2), dtype=xp.float32)
         row[0, :tail] = flat[n_full * blocksize:]
-        _quantize_rows(row, quant_type, absmax[n_full:], packed[n_full * half:], scratch)
+        _quantize_rows(row, quant_type, absmax[n_full:], packed[n_full * half:], scratch,
+                       divide=True)
 
     nested = {}
     if double_quant:
