@@ -112,7 +112,7 @@ class CharTokenizer:
     def from_dict(cls, d: dict) -> "CharTokenizer":
         if not isinstance(d, dict) or d.get("type") != "char" or not isinstance(d.get("vocab"), str):
             raise ValueError(f"not a character tokenizer description: expected "
-                             f"{{'type': 'char', 'vocab': '...'}}, got {str(d)[:80]}")
+                             f"{{'type': 'char', 'vocab': '...'}}, got {repr(d)[:80]}")
         return cls(d["vocab"])
 
     def __eq__(self, other):
