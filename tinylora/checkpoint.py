@@ -194,11 +194,9 @@ def _check_gpt_weights(folder, cfg, cfg_path) -> None:
                           f"the weights hold {got[k]}; the two files come from different models")
 
 
-def load_gpt(path):
-    """``(model, tokenizer, config)`` from a GPT checkpoint (or run folder), weights loaded."""
-    from .data import CharTokenizer
-    from .models.gpt import GPT, GPTConfig
-
+def read_checkpoint_config(path, model_type: str, config_cls):
+    """``(folder, config.json's path, its dict, the model's config_cls)`` of a tinylora
+    checkpoint (or run folder) that holds a ``model_type`` model ("GPT", "Llama")."""
     folder = resolve_checkpoint(path)
     cfg_path = os.path.join(folder, "config.json")
     config = load_json(cfg_path)
@@ -207,9 +205,18 @@ def load_gpt(path):
                           f"{CHECKPOINT_FORMAT!r})")
     model_info = config.get("model")
     kind = model_info.get("type") if isinstance(model_info, dict) else None
-    if kind != "GPT":
-        raise FormatError(f"{cfg_path}: the checkpoint holds a {kind!r} model, not a GPT")
-    gpt_config = config_from_dict(GPTConfig, model_info.get("config"), source=cfg_path)
+    if kind != model_type:
+        raise FormatError(f"{cfg_path}: the checkpoint holds a {kind!r} model, not a {model_type}")
+    return folder, cfg_path, config, config_from_dict(config_cls, model_info.get("config"),
+                                                      source=cfg_path)
+
+
+def load_gpt(path):
+    """``(model, tokenizer, config)`` from a GPT checkpoint (or run folder), weights loaded."""
+    from .data import CharTokenizer
+    from .models.gpt import GPT, GPTConfig
+
+    folder, cfg_path, config, gpt_config = read_checkpoint_config(path, "GPT", GPTConfig)
     if not config.get("tokenizer"):
         raise FormatError(f"{cfg_path}: no tokenizer recorded; cannot encode a prompt")
     bpe = isinstance(config["tokenizer"], dict) and config["tokenizer"].get("type") == "gpt2-bpe"

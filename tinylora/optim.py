@@ -23,6 +23,7 @@ import math
 
 from . import backend, dispatch
 from .backend import xp
+from .nn.module import zero_grad_
 from .tensor import Tensor, no_grad
 
 __all__ = ["Optimizer", "SGD", "AdamW", "param_groups", "clip_grad_norm_", "grad_norm",
@@ -104,11 +105,7 @@ class Optimizer:
                 yield p, g
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self._params():
-            if set_to_none or p.grad is None:
-                p.grad = None
-            else:
-                p.grad.data[...] = 0
+        zero_grad_(self._params(), set_to_none)
 
     def step(self) -> None:
         with no_grad():

@@ -18,14 +18,13 @@ import os
 
 from .. import backend
 from ..backend import np
-from ..checkpoint import CHECKPOINT_FORMAT, load_model_weights, resolve_checkpoint
-from ..configs import config_from_dict
+from ..checkpoint import load_model_weights, read_checkpoint_config, resolve_checkpoint
 from ..data import CharTokenizer, TextData, builtin_text, load_text, train_val_split
 from ..data.instruct import IGNORE, InstructionData
 from ..io import FormatError, atomic_write_bytes, load_json
 from ..models.llama import MODEL_TYPES, Llama, LlamaConfig
 from ..tensor import no_grad
-from ..train import TrainConfig, Trainer
+from ..train import TrainConfig, resume_settings, seed_and_train
 
 __all__ = ["hf_model_type", "is_llama_folder", "load_llama_pretrained", "need_tokenizer",
            "eos_token_ids",
@@ -177,17 +176,7 @@ def checkpoint_model_type(path):
 
 def load_llama_checkpoint(path):
     """``(model, tokenizer, config)`` of a Llama checkpoint written by ``train_llama``."""
-    folder = resolve_checkpoint(path)
-    cfg_path = os.path.join(folder, "config.json")
-    config = load_json(cfg_path)
-    if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
-        raise FormatError(f"{cfg_path}: not a tinylora checkpoint config (format != "
-                          f"{CHECKPOINT_FORMAT!r})")
-    info = config.get("model") or {}
-    if info.get("type") != "Llama":
-        raise FormatError(f"{cfg_path}: the checkpoint holds a {info.get('type')!r} model, "
-                          "not a Llama")
-    llama_config = config_from_dict(LlamaConfig, info.get("config"), source=cfg_path)
+    folder, cfg_path, config, llama_config = read_checkpoint_config(path, "Llama", LlamaConfig)
     try:
         tok = CharTokenizer.from_dict(config.get("tokenizer"))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -221,23 +210,9 @@ def train_llama(data: str | None = None, out_dir=None, *, model_args: dict | Non
     model_args, train_args = dict(model_args or {}), dict(train_args or {})
     tokenizer = None
     if resume:
-        if out_dir is None:
-            raise ValueError("resume needs the run folder (out_dir) to continue from")
-        folder = resolve_checkpoint(out_dir)
-        src = os.path.join(folder, "config.json")
-        _, tokenizer, saved = load_llama_checkpoint(folder)
-        saved_model = config_from_dict(LlamaConfig, saved["model"]["config"], source=src)
-        changed = {k: v for k, v in model_args.items() if getattr(saved_model, k) != v}
-        if changed:
-            raise ValueError(f"cannot change the model when resuming ({', '.join(changed)} differ "
-                             f"from {src}); start a new run in another --out folder")
-        saved_source = (saved.get("data") or {}).get("source")
-        if data is not None and data != saved_source:
-            raise ValueError(f"cannot resume on other data: the run was trained on "
-                             f"{saved_source!r}, not {data!r}")
-        data = saved_source
-        config = config_from_dict(TrainConfig, {**saved["train"], **train_args}, source=src)
-        model_config = saved_model
+        folder, tokenizer, model_config, data, config = resume_settings(
+            out_dir, LlamaConfig, model_args, data, train_args,
+            lambda folder: load_llama_checkpoint(folder)[1])
     else:
         if data is None:
             raise ValueError("no data: give builtin:NAME or a text file")
@@ -247,9 +222,5 @@ def train_llama(data: str | None = None, out_dir=None, *, model_args: dict | Non
     text_data = load_data(data, tokenizer=tokenizer, block_size=config.block_size)
     if model_config is None:
         model_config = _llama_config(text_data.tokenizer.vocab_size, model_args)
-    backend.manual_seed(config.seed)
-    model = Llama(model_config)
-    trainer = Trainer(model, text_data, config, out_dir)
-    if resume:
-        trainer.resume(folder)
-    return model, text_data.tokenizer, trainer.train()
+    return seed_and_train(Llama, model_config, text_data, config, out_dir,
+                          resume_from=folder if resume else None)

@@ -1,7 +1,8 @@
 """The ``tinylora`` command line: thin subcommands over the library.
 
-Each command lives in its own module with ``register(subparsers)``, which adds a parser
-whose ``func(args)`` does the work and returns an exit code (or None for 0). Shared
+Each command lives in its own module with ``register(subparsers, name, summary)``, which
+adds a parser whose ``func(args)`` does the work and returns an exit code (or None for 0);
+the module's docstring is the command's ``--help`` description (passed as ``__doc__``). Shared
 conventions: ``--seed``, ``--out``, ``--json`` mean the same everywhere (see ``common``);
 an error prints one line and exits 1, with the traceback only under ``--debug``; where
 the library's error names its fix as a Python argument (tinylora.hints), the line names the

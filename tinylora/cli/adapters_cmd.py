@@ -1,4 +1,7 @@
-"""`tinylora adapters list|inspect`: find adapter folders and look inside one."""
+"""List the LoRA adapter folders (adapter_config.json + adapter_model.safetensors) under a folder,
+or inspect one: its config, tensors, size, base fingerprint, and with --base whether it fits
+that base model.
+"""
 from __future__ import annotations
 
 import os
@@ -7,10 +10,7 @@ from .common import add_command, add_json, print_json, table
 
 
 def register(sub, name, summary):
-    p = add_command(sub, name, summary,
-                    "List the LoRA adapter folders (adapter_config.json + adapter_model.safetensors) "
-                    "under a folder, or inspect one: its config, tensors, size, base fingerprint, "
-                    "and with --base whether it fits that base model.")
+    p = add_command(sub, name, summary, __doc__)
     actions = p.add_subparsers(dest="action", metavar="ACTION", title="actions", required=True)
     ls = add_command(actions, "list", "adapter folders under DIR, one line each")
     ls.add_argument("dir", nargs="?", default=".", metavar="DIR", help="folder to search")

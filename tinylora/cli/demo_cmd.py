@@ -1,19 +1,17 @@
-"""`tinylora demo`: the main job — pretrain, then full fine-tuning vs LoRA vs QLoRA."""
+"""Pretrain a small character-level GPT on English (builtin:prose), then fine-tune it on Python
+source (builtin:python) three ways: full fine-tuning, LoRA and QLoRA (4-bit NF4 base + LoRA).
+Prints a table (trainable parameters, validation loss before/after, time per step, peak memory,
+saved size), samples from the base and adapted models, and writes the adapters, the full
+checkpoint, metrics.json, loss curves and the autograd picture of a LoRA layer to --out.
+Nothing is downloaded. A finished base in OUT/base/ with the same settings and seed is reused.
+"""
 from __future__ import annotations
 
 from .common import add_command, add_json, add_out, add_seed, print_json
 
 
 def register(sub, name, summary):
-    p = add_command(sub, name, summary,
-                    "Pretrain a small character-level GPT on English (builtin:prose), then "
-                    "fine-tune it on Python source (builtin:python) three ways: full fine-tuning, "
-                    "LoRA and QLoRA (4-bit NF4 base + LoRA). Prints a table (trainable parameters, "
-                    "validation loss before/after, time per step, peak memory, saved size), "
-                    "samples from the base and adapted models, and writes the adapters, the full "
-                    "checkpoint, metrics.json, loss curves and the autograd picture of a LoRA layer "
-                    "to --out. Nothing is downloaded. A finished base in OUT/base/ with the same "
-                    "settings and seed is reused.")
+    p = add_command(sub, name, summary, __doc__)
     add_out(p, "tinylora-demo", "output folder (the base model is cached in OUT/base/)")
     p.add_argument("--quick", action="store_true",
                    help="the smallest settings: a CI-sized run (well under 30 s)")

@@ -1,4 +1,7 @@
-"""`tinylora embed`: sentence embeddings from all-MiniLM-L6-v2 (or another BERT folder)."""
+"""Embed sentences with a sentence-transformers BERT model (mean pooling, L2 normalised, as
+sentence-transformers computes them). Prints the first dimensions and the norm of each vector,
+the full vectors with --json, or saves them with --out.
+"""
 from __future__ import annotations
 
 import json
@@ -10,11 +13,7 @@ from .common import add_command, add_json, print_json
 
 
 def register(sub, name, summary):
-    p = add_command(sub, name, summary,
-                    "Embed sentences with a sentence-transformers BERT model (mean pooling, L2 "
-                    "normalised, as sentence-transformers computes them). Prints the first "
-                    "dimensions and the norm of each vector, the full vectors with --json, or "
-                    "saves them with --out.")
+    p = add_command(sub, name, summary, __doc__)
     p.add_argument("texts", nargs="*", metavar="TEXT", help="sentences to embed")
     p.add_argument("--file", help="read sentences from this file, one per line ('-': stdin)")
     p.add_argument("--out", help="save the embeddings: FILE.safetensors (float32 'embeddings' "

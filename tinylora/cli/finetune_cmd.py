@@ -1,4 +1,15 @@
-"""`tinylora finetune`: fine-tune a GPT checkpoint with LoRA, QLoRA or in full."""
+"""Fine-tune a GPT, or a Llama-family model from a Hugging Face folder (Llama, SmolLM2, TinyLlama,
+Qwen2: config.json's model_type llama or qwen2), on text or, for a Llama, instruction records.
+LoRA (the default) trains low-rank adapters on a frozen base and saves them in PEFT's layout
+(adapter_model.safetensors + adapter_config.json); --qlora first stores the frozen Linear
+weights in 4-bit NF4; --full trains every weight and saves a whole checkpoint (a Hugging Face
+folder for a Llama-family base). Use the result with `tinylora generate --adapter OUT` (or
+--checkpoint OUT for --full; --pretrained OUT for a Llama's), or `tinylora merge`. A
+Llama-family model trains with gradient checkpointing (each layer recomputed in the backward).
+For a GPT, checkpoints (the adapter, or every weight with --full, with the optimizer and
+trainer state) go to OUT/checkpoints/ as it trains; Ctrl-C saves one, and --resume continues
+the run in OUT exactly.
+"""
 from __future__ import annotations
 
 import os
@@ -9,20 +20,7 @@ _DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3}
 
 
 def register(sub, name, summary):
-    p = add_command(sub, name, summary,
-                    "Fine-tune a GPT, or a Llama-family model from a Hugging Face folder "
-                    "(Llama, SmolLM2, TinyLlama, Qwen2: config.json's model_type llama or "
-                    "qwen2), on text or, for a Llama, instruction records. LoRA (the default) "
-                    "trains low-rank adapters on a frozen base and saves them in PEFT's layout "
-                    "(adapter_model.safetensors + adapter_config.json); --qlora first stores the "
-                    "frozen Linear weights in 4-bit NF4; --full trains every weight and saves a "
-                    "whole checkpoint (a Hugging Face folder for a Llama-family base). Use the "
-                    "result with `tinylora generate --adapter OUT` (or --checkpoint OUT for "
-                    "--full; --pretrained OUT for a Llama's), or `tinylora merge`. A Llama-family "
-                    "model trains with gradient checkpointing (each layer recomputed in the "
-                    "backward). For a GPT, checkpoints (the adapter, or every weight with --full, "
-                    "with the optimizer and trainer state) go to OUT/checkpoints/ as it trains; "
-                    "Ctrl-C saves one, and --resume continues the run in OUT exactly.")
+    p = add_command(sub, name, summary, __doc__)
     src = p.add_mutually_exclusive_group()    # one of them: required, except with --resume
     src.add_argument("--base", help="base model: a tinylora checkpoint folder or run folder")
     src.add_argument("--pretrained",

@@ -1,4 +1,9 @@
-"""`tinylora generate`: sample text from a trained GPT checkpoint."""
+"""Continue a prompt with a GPT checkpoint (a run folder or one checkpoint folder), decoding with
+a KV cache. Temperature 0 is greedy. With --adapter, the LoRA adapter is loaded onto the base
+(--checkpoint, or the base the adapter names); a QLoRA adapter gets its base quantized to 4
+bits first. --pretrained takes a Hugging Face folder instead: GPT-2, or Llama-family
+(model_type llama or qwen2, with tokenizer.json; generation stops at its eos_token_id).
+"""
 from __future__ import annotations
 
 import os
@@ -7,14 +12,7 @@ from .common import add_command, add_seed
 
 
 def register(sub, name, summary):
-    p = add_command(sub, name, summary,
-                    "Continue a prompt with a GPT checkpoint (a run folder or one checkpoint "
-                    "folder), decoding with a KV cache. Temperature 0 is greedy. With --adapter, "
-                    "the LoRA adapter is loaded onto the base (--checkpoint, or the base the "
-                    "adapter names); a QLoRA adapter gets its base quantized to 4 bits first. "
-                    "--pretrained takes a Hugging Face folder instead: GPT-2, or Llama-family "
-                    "(model_type llama or qwen2, with tokenizer.json; generation stops at its "
-                    "eos_token_id).")
+    p = add_command(sub, name, summary, __doc__)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", default=None,
                      help="run folder (uses latest.json) or checkpoint folder; with --adapter, "

@@ -1,4 +1,7 @@
-"""`tinylora gradcheck`: every op's backward against finite differences, as a table."""
+"""Run the float64 gradient check of every op over several shapes (broadcasting, repeated and
+negative indices, masks) and print op, shapes, max relative error and pass. Exits 1 if any case
+fails.
+"""
 from __future__ import annotations
 
 import time
@@ -7,10 +10,7 @@ from .common import add_command, add_json, add_seed, print_json, table
 
 
 def register(sub, name, summary):
-    p = add_command(sub, name, summary,
-                    "Run the float64 gradient check of every op over several shapes (broadcasting, "
-                    "repeated and negative indices, masks) and print op, shapes, max relative "
-                    "error and pass. Exits 1 if any case fails.")
+    p = add_command(sub, name, summary, __doc__)
     add_seed(p)
     add_json(p)
     p.add_argument("--op", action="append", default=None,

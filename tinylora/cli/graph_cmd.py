@@ -1,4 +1,8 @@
-"""`tinylora graph`: the autograd graph of a LoRA layer (or a tiny GPT) as DOT and SVG."""
+"""Record the forward pass and draw it with its backward: ops with their output shapes, frozen
+weights grey, LoRA's A and B orange, and red dashed arrows for the gradient path from the loss
+back to A and B. Writes OUT/NAME.dot, and OUT/NAME.svg when Graphviz's `dot` is installed
+(apt-get install graphviz).
+"""
 from __future__ import annotations
 
 import os
@@ -10,11 +14,7 @@ _WHAT = {"lora-layer": "lora_layer_graph", "model": "lora_model_graph"}
 
 
 def register(sub, name, summary):
-    p = add_command(sub, name, summary,
-                    "Record the forward pass and draw it with its backward: ops with their output "
-                    "shapes, frozen weights grey, LoRA's A and B orange, and red dashed arrows "
-                    "for the gradient path from the loss back to A and B. Writes OUT/NAME.dot, "
-                    "and OUT/NAME.svg when Graphviz's `dot` is installed (apt-get install graphviz).")
+    p = add_command(sub, name, summary, __doc__)
     p.add_argument("--what", choices=sorted(_WHAT), default="lora-layer",
                    help="lora-layer: one Linear with LoRA r=2, a 4x8 input and loss mean(y²); "
                         "model: a 1-block GPT with LoRA on its attention")

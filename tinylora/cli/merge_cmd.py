@@ -1,4 +1,13 @@
-"""`tinylora merge`: fold a LoRA adapter into its base, giving a plain checkpoint."""
+"""Load the base checkpoint and the adapter, add (alpha/r)·B·A into each adapted weight and save a
+plain GPT checkpoint (model.safetensors + config.json) that `tinylora generate --checkpoint`
+loads, with no extra cost per token. An adapter trained with QLoRA is merged into the
+dequantized 4-bit base it was trained on. Checks that the merged model's logits equal the
+adapted model's. With --hf-out it also writes a Hugging Face GPT-2 folder that transformers'
+GPT2LMHeadModel.from_pretrained (and `tinylora finetune --pretrained`) loads. An adapter on a
+Llama-family base (a Hugging Face llama or qwen2 folder) is merged into a Hugging Face folder
+(config.json, model.safetensors and the base's tokenizer files) that transformers'
+AutoModelForCausalLM and `tinylora generate --pretrained` load.
+"""
 from __future__ import annotations
 
 import os
@@ -7,18 +16,7 @@ from .common import add_command, add_json, print_json
 
 
 def register(sub, name, summary):
-    p = add_command(sub, name, summary,
-                    "Load the base checkpoint and the adapter, add (alpha/r)·B·A into each adapted "
-                    "weight and save a plain GPT checkpoint (model.safetensors + config.json) that "
-                    "`tinylora generate --checkpoint` loads, with no extra cost per token. An "
-                    "adapter trained with QLoRA is merged into the dequantized 4-bit base it was "
-                    "trained on. Checks that the merged model's logits equal the adapted model's. "
-                    "With --hf-out it also writes a Hugging Face GPT-2 folder that transformers' "
-                    "GPT2LMHeadModel.from_pretrained (and `tinylora finetune --pretrained`) loads. "
-                    "An adapter on a Llama-family base (a Hugging Face llama or qwen2 folder) "
-                    "is merged into a Hugging Face folder (config.json, model.safetensors and "
-                    "the base's tokenizer files) that transformers' AutoModelForCausalLM and "
-                    "`tinylora generate --pretrained` load.")
+    p = add_command(sub, name, summary, __doc__)
     p.add_argument("--adapter", required=True, help="adapter folder (PEFT layout)")
     p.add_argument("--base", default=None,
                    help="base checkpoint (default: the one the adapter names in "

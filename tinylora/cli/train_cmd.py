@@ -1,4 +1,11 @@
-"""`tinylora train`: train a character-level GPT on a built-in corpus or a text file."""
+"""Train a character-level GPT from scratch. Checkpoints go to OUT/checkpoints/ (latest.json
+points at the newest), metrics to OUT/metrics.jsonl. --resume continues the run in OUT exactly
+where its latest checkpoint left off. Built-in corpora: builtin:prose (English), builtin:python
+(Python source). --arch llama trains a toy Llama instead (RMSNorm, rotary positions, SwiGLU,
+grouped-query attention, tied head; --n-embd is hidden_size, --block-size
+max_position_embeddings), character-level like the GPT; `tinylora generate --checkpoint OUT`
+samples from either.
+"""
 from __future__ import annotations
 
 from dataclasses import fields
@@ -31,15 +38,7 @@ _TRAIN_FLAGS = {
 
 
 def register(sub, name, summary):
-    p = add_command(sub, name, summary,
-                    "Train a character-level GPT from scratch. Checkpoints go to OUT/checkpoints/ "
-                    "(latest.json points at the newest), metrics to OUT/metrics.jsonl. --resume "
-                    "continues the run in OUT exactly where its latest checkpoint left off. "
-                    "Built-in corpora: builtin:prose (English), builtin:python (Python source). "
-                    "--arch llama trains a toy Llama instead (RMSNorm, rotary positions, SwiGLU, "
-                    "grouped-query attention, tied head; --n-embd is hidden_size, --block-size "
-                    "max_position_embeddings), character-level like the GPT; `tinylora "
-                    "generate --checkpoint OUT` samples from either.")
+    p = add_command(sub, name, summary, __doc__)
     p.add_argument("--arch", choices=["gpt", "llama"], default=None,
                    help="model architecture (default: gpt; on --resume: the run's)")
     from ..train import GPT_DEFAULTS, TrainConfig

@@ -83,6 +83,19 @@ def _is_number(c: str) -> bool:
     return unicodedata.category(c)[0] == "N"
 
 
+def _stage(node, key: str, step, x, *args):
+    """x through one stage of tokenizer.json's pipeline: none leaves it as it is, a
+    ``Sequence`` runs its nodes (listed under ``key``) in turn, any other node is one
+    ``step(node, x, *args)``."""
+    if node is None:
+        return x
+    if node["type"] == "Sequence":
+        for sub in node[key]:
+            x = _stage(sub, key, step, x, *args)
+        return x
+    return step(node, x, *args)
+
+
 def _split(text: str, regex, behavior: str, invert: bool) -> list:
     """Pieces of text around the matches of regex (``tokenizers``' Split behaviours)."""
     pieces, last = [], 0
@@ -191,11 +204,15 @@ class BPETokenizer:
             if is_added:
                 ids.append(self.added[piece]["id"])
             else:
-                norm = self._normalize(self.normalizer, piece)
-                for word in self._pre_tokenize(self.pre_tokenizer, [norm], first):
-                    ids.extend(self._bpe(word))
+                norm = _stage(self.normalizer, "normalizers", self._normalize, piece)
+                words = _stage(self.pre_tokenizer, "pretokenizers", self._pre_tokenize, [norm], first)
+                for word in words:
+                    if word:
+                        ids.extend(self._bpe(word))
             first = False
-        return self._post_process(self.post_processor, ids) if add_special_tokens else ids
+        if not add_special_tokens:
+            return ids
+        return _stage(self.post_processor, "processors", self._post_process, ids)
 
     def _split_added(self, text):
         if self._added_re is None:
@@ -211,13 +228,7 @@ class BPETokenizer:
         return out
 
     def _normalize(self, node, s: str) -> str:
-        if node is None:
-            return s
         t = node["type"]
-        if t == "Sequence":
-            for sub in node["normalizers"]:
-                s = self._normalize(sub, s)
-            return s
         if t in ("NFC", "NFD", "NFKC", "NFKD"):
             return unicodedata.normalize(t, s)
         if t == "Lowercase":
@@ -238,13 +249,7 @@ class BPETokenizer:
         return r
 
     def _pre_tokenize(self, node, pieces: list, first: bool) -> list:
-        if node is None:
-            return [p for p in pieces if p]
         t = node["type"]
-        if t == "Sequence":
-            for sub in node["pretokenizers"]:
-                pieces = self._pre_tokenize(sub, pieces, first)
-            return pieces
         out = []
         for p in pieces:
             if t == "ByteLevel":
@@ -323,13 +328,7 @@ class BPETokenizer:
         return [s[0] if isinstance(s, tuple) else self.vocab[s] for s in syms]
 
     def _post_process(self, node, ids: list) -> list:
-        if node is None:
-            return ids
         t = node["type"]
-        if t == "Sequence":
-            for sub in node["processors"]:
-                ids = self._post_process(sub, ids)
-            return ids
         if t == "TemplateProcessing":
             out = []
             for item in node["single"]:
@@ -350,16 +349,10 @@ class BPETokenizer:
             if skip_special_tokens and i in self.special_ids:
                 continue
             tokens.append(self.id_to_token[i])
-        if self.decoder is None:
-            return "".join(tokens)
-        return "".join(self._decode(self.decoder, tokens))
+        return "".join(_stage(self.decoder, "decoders", self._decode, tokens))
 
     def _decode(self, node, tokens: list) -> list:
         t = node["type"]
-        if t == "Sequence":
-            for sub in node["decoders"]:
-                tokens = self._decode(sub, tokens)
-            return tokens
         if t == "ByteLevel":   # a token with a character outside the byte map keeps its UTF-8
             raw = b"".join(bytes(self.u2b[c] for c in tok) if all(c in self.u2b for c in tok)
                            else tok.encode() for tok in tokens)

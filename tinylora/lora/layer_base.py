@@ -23,7 +23,7 @@ import math
 from .. import backend, ops
 from ..backend import xp
 from ..nn.module import Module, Parameter
-from ..nn.routing import BASE
+from ..nn.routing import BASE, rows_by_adapter
 from ..tensor import Tensor
 from . import dora
 from .protocol import dense_weight, weight_digest, weight_stamp, write_dense_weight
@@ -168,14 +168,8 @@ class LoraLayerBase(Module):
             raise RuntimeError(f"adapters {self.merged_adapters} are merged into the base "
                                "weight, so rows cannot choose adapters; lora.unmerge(model) first")
         known = self.known_adapters if self.known_adapters is not None else self.r
-        groups = {}
-        for i, name in enumerate(names):
-            if name != BASE and name not in known and name not in self.r:
-                raise ValueError(f"adapter_names[{i}] = {name!r} is not an adapter of this "
-                                 f"model (adapters: {sorted(set(known) | set(self.r))}; "
-                                 f"'{BASE}' = the base model)")
-            if name in self.r:
-                groups.setdefault(name, []).append(i)
+        groups = rows_by_adapter(names, known, self.r)
+        groups.pop(BASE, None)   # the base rows add nothing (zeros below)
         if not groups:
             return result
         parts, order = [], []

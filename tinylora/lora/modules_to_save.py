@@ -13,7 +13,7 @@ import copy
 from .. import backend, nn, ops
 from ..backend import xp
 from ..nn.module import Module
-from ..nn.routing import BASE, current_routing
+from ..nn.routing import BASE, current_routing, rows_by_adapter
 from ..tensor import Tensor
 
 __all__ = ["ModulesToSaveWrapper"]
@@ -68,12 +68,7 @@ class ModulesToSaveWrapper(Module):
             raise ValueError(f"adapter_names has {len(names)} entries but the batch has {n} rows; "
                              "give one adapter name (or '__base__') per row")
         known = self.known_adapters if self.known_adapters is not None else self.modules_to_save
-        groups = {}
-        for i, name in enumerate(names):
-            if name != BASE and name not in known and name not in self.modules_to_save:
-                raise ValueError(f"adapter_names[{i}] = {name!r} is not an adapter of this model")
-            key = name if name in self.modules_to_save else BASE
-            groups.setdefault(key, []).append(i)
+        groups = rows_by_adapter(names, known, self.modules_to_save)
         parts, order = [], []
         for key, rows in groups.items():
             module = self.original_module if key == BASE else self.modules_to_save[key]

@@ -14,12 +14,11 @@ from dataclasses import asdict, dataclass
 
 from .. import backend
 from .. import functional as F
-from ..backend import np, xp
-from ..nn import (Embedding, KVCache, Linear, Module, ModuleList, Parameter, ShapeError,
-                  adapter_routing, checkpoint)
+from ..backend import xp
+from ..nn import Embedding, KVCache, Linear, Module, ModuleList, Parameter, ShapeError
 from ..nn.attention import LayerKVCache, padding_mask
-from ..tensor import Tensor, is_grad_enabled, no_grad
-from .gpt import _check_sampling, sample_logits
+from ..tensor import Tensor, is_grad_enabled
+from .causal_lm import CausalLM
 
 __all__ = ["LlamaConfig", "Llama", "RMSNorm"]
 
@@ -199,10 +198,12 @@ class LlamaModel(Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class Llama(Module):
-    """idx (B, T) token ids -> logits (B, T, vocab_size), and the loss when targets are given."""
+class Llama(CausalLM):
+    """idx (B, T) token ids -> logits (B, T, vocab_size), and the loss when targets are given.
+    Input checks, adapter routing, saving and ``generate`` come from ``CausalLM``."""
 
-    gradient_checkpointing = False
+    context_name = "max_position_embeddings"
+    embedding_key = "model.embed_tokens.weight"   # lm_head.weight is tied to it if configured
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -226,75 +227,17 @@ class Llama(Module):
                     m.bias.data[...] = 0
 
     # ------------------------------------------------------------------ forward
-    def _check_ids(self, idx, past: int = 0):
-        """idx as a device int array (B, T), after the checks that give clear errors."""
-        arr = idx.data if isinstance(idx, Tensor) else idx
-        if not backend.is_array(arr):
-            arr = np.asarray(arr)
-        if arr.dtype.kind not in "iu":
-            raise TypeError(f"Llama: idx must hold integer token ids, got dtype {arr.dtype}")
-        if arr.ndim != 2 or arr.shape[1] == 0:
-            hint = " (add a batch axis: idx[None])" if arr.ndim == 1 else ""
-            raise ValueError(f"Llama: idx must have shape (B, T) with T >= 1, got "
-                             f"{tuple(arr.shape)}{hint}")
-        T, n = arr.shape[1], self.config.max_position_embeddings
-        if past + T > n:
-            raise ValueError(f"Llama: {past} cached + {T} new positions exceed "
-                             f"max_position_embeddings={n}; crop the input to the last "
-                             f"{n - past} tokens")
-        if isinstance(arr, np.ndarray) and arr.size:
-            lo, hi, V = int(arr.min()), int(arr.max()), self.config.vocab_size
-            if lo < 0 or hi >= V:
-                raise IndexError(f"Llama: token id {lo if lo < 0 else hi} is out of range for "
-                                 f"vocab_size={V}; encode with the model's tokenizer")
-        return xp.asarray(arr)
-
-    def forward(self, idx, targets=None, adapter_names=None, attention_mask=None,
-                kv_cache: KVCache | None = None):
-        """idx (B, T) int -> (logits (B, T, V), loss or None).
-
-        targets (B, T): next-token ids (-100 = ignored) for the mean cross-entropy loss.
-        adapter_names: one LoRA adapter name per row, for mixed batches.
-        attention_mask (B, S): 1 for tokens, 0 for padding (S covers cached + new positions).
-        kv_cache: inference only; the T positions continue after the cached ones.
-        """
-        past = 0 if kv_cache is None else kv_cache.length
-        ids = self._check_ids(idx, past)
-        if adapter_names is None:
-            return self._forward(ids, targets, attention_mask, kv_cache, past)
-        if len(adapter_names) != ids.shape[0]:
-            raise ValueError(f"Llama: adapter_names has {len(adapter_names)} names but the batch "
-                             f"has {ids.shape[0]} rows; give one adapter name per row")
-        with adapter_routing(list(adapter_names)):
-            return self._forward(ids, targets, attention_mask, kv_cache, past)
-
     def _forward(self, ids, targets, attention_mask, kv_cache, past):
         c, m = self.config, self.model
         T = ids.shape[1]
         x = m.embed_tokens(ids)                                   # (B, T, C)
         cos, sin = F.rope_tables(range(past, past + T), c.head_dim, c.rope_theta,
                                  c.rope_scaling, dtype=x.dtype)   # (T, hd) each
-        recompute = self.gradient_checkpointing and self.training and is_grad_enabled() \
-            and kv_cache is None
-        for i, layer in enumerate(m.layers):
-            if recompute:   # keep only each layer's input; rerun the layer in backward
-                x = checkpoint(layer, x, cos, sin, attention_mask, params=layer.parameters())
-            else:
-                x = layer(x, cos, sin, attention_mask,
-                          None if kv_cache is None else kv_cache.layers[i])
+        x = self._run_blocks(m.layers, x, (cos, sin, attention_mask), kv_cache)
         logits = self.lm_head(m.norm(x))                          # (B, T, V)
-        if targets is None:
-            return logits, None
-        t = targets.data if isinstance(targets, Tensor) else xp.asarray(targets)
-        return logits, F.cross_entropy(logits, t)
+        return self._with_loss(logits, targets)
 
     # ------------------------------------------------------------------ utilities
-    def gradient_checkpointing_enable(self) -> None:
-        self.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.gradient_checkpointing = False
-
     def make_cache(self, batch: int, capacity: int | None = None) -> KVCache:
         """An empty KV cache for ``batch`` rows: n_kv heads per layer (not n_heads)."""
         c = self.config
@@ -302,23 +245,8 @@ class Llama(Module):
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, cap, c.head_dim,
                        self.model.embed_tokens.weight.dtype)
 
-    def weights_to_save(self) -> dict:
-        """{name: array} as Hugging Face writes it (a tied lm_head.weight is left out)."""
-        sd = self.state_dict()
-        if sd.get("lm_head.weight") is sd.get("model.embed_tokens.weight"):
-            sd.pop("lm_head.weight")
-        return {k: v.data for k, v in sd.items()}
-
-    def load_weights(self, tensors: dict, source: str = "weights") -> None:
-        """Load {name: array} as ``weights_to_save`` writes it (strict)."""
-        tensors = dict(tensors)
-        if self.config.tie_word_embeddings and "lm_head.weight" not in tensors \
-                and "model.embed_tokens.weight" in tensors:
-            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-        try:
-            self.load_state_dict(tensors)
-        except RuntimeError as e:
-            raise type(e)(f"{source}: {e}") from None
+    def _tied(self) -> bool:
+        return self.config.tie_word_embeddings
 
     @classmethod
     def from_hf(cls, folder) -> "Llama":
@@ -333,58 +261,3 @@ class Llama(Module):
         from .llama_hf import save_llama_hf
         save_llama_hf(self, folder)
 
-    # ------------------------------------------------------------------ generation
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, *, use_cache: bool = True, adapter_names=None,
-                 eos_token_id=None, output_logits: bool = False, rng=None):
-        """The prompt idx (B, T) followed by up to ``max_new_tokens`` sampled tokens.
-
-        The prompt runs once (prefill) into a KV cache, then each step feeds only the new
-        token. temperature 0 picks the argmax; otherwise tokens are drawn from the host RNG
-        after keeping the top_k logits and/or the smallest set with probability >= top_p.
-        With ``eos_token_id`` (an id or a list), generation stops once every row has produced
-        one (finished rows are padded with it). Returns a host int64 array (B, T + new), and
-        with ``output_logits`` also each step's next-token logits (B, new, V).
-        """
-        _check_sampling(max_new_tokens, temperature, top_k, top_p)
-        arr = idx.data if isinstance(idx, Tensor) else idx
-        out = backend.to_numpy(arr) if backend.is_array(arr) else np.asarray(arr)
-        out = (out[None] if out.ndim == 1 else out)
-        n = self.config.max_position_embeddings
-        self._check_ids(out[:, -n:])
-        out = out.astype(np.int64, copy=False)
-        rng = backend.host_rng() if rng is None else rng
-        eos = None if eos_token_id is None else np.atleast_1d(np.asarray(eos_token_id))
-        done = np.zeros(out.shape[0], dtype=bool)
-        cache = self.make_cache(out.shape[0], out.shape[1] + max_new_tokens) if use_cache else None
-        steps = []
-        was_training = self.training
-        self.eval()
-        try:
-            with no_grad():
-                for _ in range(max_new_tokens):
-                    if cache is not None and 0 < cache.length < cache.capacity:
-                        feed = out[:, -1:]                    # decode: only the newest token
-                    else:                                     # prefill, or the cache is full
-                        feed = out[:, -n:]
-                        if cache is not None:
-                            cache.reset()
-                            if feed.shape[1] > cache.capacity:   # the window slides
-                                feed = feed[:, -cache.capacity:]
-                    logits, _ = self(feed, adapter_names=adapter_names, kv_cache=cache)
-                    last = backend.to_numpy(logits.data[:, -1, :])          # (B, V)
-                    if output_logits:
-                        steps.append(last.copy())
-                    nxt = sample_logits(last, temperature, top_k, top_p, rng)
-                    if eos is not None:
-                        nxt = np.where(done, eos[0], nxt)
-                        done |= np.isin(nxt, eos)
-                    out = np.concatenate([out, nxt[:, None]], axis=1)
-                    if eos is not None and done.all():
-                        break
-        finally:
-            self.train(was_training)
-        if output_logits:
-            V = self.config.vocab_size
-            return out, (np.stack(steps, axis=1) if steps else np.zeros((out.shape[0], 0, V)))
-        return out

@@ -12,7 +12,17 @@ from collections import OrderedDict, namedtuple
 from ..backend import xp
 from ..tensor import Tensor, no_grad
 
-__all__ = ["Module", "Parameter", "ShapeError", "StateDictError", "IncompatibleKeys"]
+__all__ = ["Module", "Parameter", "ShapeError", "StateDictError", "IncompatibleKeys", "zero_grad_"]
+
+
+def zero_grad_(params, set_to_none: bool = True) -> None:
+    """Clear each parameter's gradient (Module.zero_grad, Optimizer.zero_grad): drop it, or
+    with set_to_none=False fill the existing array with zeros (no new allocation)."""
+    for p in params:
+        if set_to_none or p.grad is None:
+            p.grad = None
+        else:
+            p.grad.data[...] = 0
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
@@ -202,11 +212,7 @@ class Module:
         return self
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.parameters():
-            if set_to_none or p.grad is None:
-                p.grad = None
-            else:
-                p.grad.data[...] = 0
+        zero_grad_(self.parameters(), set_to_none)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.data.size for p in self.parameters() if p.requires_grad or not trainable_only)

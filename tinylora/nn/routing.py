@@ -28,3 +28,17 @@ def adapter_routing(adapter_names):
 def current_routing():
     """The active per-row adapter names, or None when every row uses the active adapters."""
     return _routing.get()
+
+
+def rows_by_adapter(names, known, here) -> dict:
+    """{adapter: [row indices]} for a layer's mixed batch: rows naming an adapter this layer
+    has (``here``) under its name, every other row under BASE. ``known`` is the model's
+    adapters: a name that is neither BASE nor one of them is an error."""
+    groups = {}
+    for i, name in enumerate(names):
+        if name != BASE and name not in known and name not in here:
+            raise ValueError(f"adapter_names[{i}] = {name!r} is not an adapter of this "
+                             f"model (adapters: {sorted(set(known) | set(here))}; "
+                             f"'{BASE}' = the base model)")
+        groups.setdefault(name if name in here else BASE, []).append(i)
+    return groups
