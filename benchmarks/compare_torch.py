@@ -61,7 +61,7 @@ def step_flops(cfg: dict, mode: str, r: int = 8) -> float:
 def _build_tinylora(cfg, mode):
     import tinylora as tl
     from tinylora import lora
-    tl.backend.tune_malloc()   # as tinylora's Trainer does when training starts
+    getattr(tl.backend, "tune_malloc", lambda: None)()   # as the Trainer does (older tinylora: at import)
     from tinylora.backend import np
     from tinylora.models.gpt import GPT, GPTConfig
     from tinylora.optim import AdamW

