@@ -7,7 +7,8 @@ Needs torch (``pip install torch==2.13.0``) next to tinylora; the tinylora packa
 never imports it. For each configuration and mode (full training; LoRA r=8 on the attention
 and MLP linears) both sides build the same model in float32 and run the same step (forward,
 backward, AdamW). One run of this script drives both, alternating rounds of steps between
-them (tinylora, torch, tinylora, ...) so machine noise hits both alike, and reports medians.
+them (tinylora, torch, tinylora, ...; the order rotates each round) so machine noise hits
+both alike, and reports medians.
 
 Each side lives in its own worker process: NumPy's OpenBLAS threads and PyTorch's OpenMP
 threads both spin-wait between calls, and in one process each side's idle spinning threads
@@ -183,8 +184,8 @@ def compare(ctx, name, mode, threads, warmup, rounds, per_round, pause, baseline
         for s in sides:
             s.run(warmup)
             time.sleep(pause)
-        for _ in range(rounds):
-            for s in sides:
+        for k in range(rounds):   # the order rotates each round: no side always goes first
+            for s in sides[k % len(sides):] + sides[:k % len(sides)]:
                 time.sleep(pause)
                 times[id(s)] += s.run(per_round)
     finally:

@@ -30,8 +30,8 @@ MIB = 2 ** 20
 COMMANDS = {
     "demo.json": ("tinylora demo --out DIR", "DIR/metrics.json, absolute paths removed"),
     "classify.json": ("OPENBLAS_NUM_THREADS=1 tinylora classify --out DIR", "DIR/metrics.json"),
-    "compare_torch.json": "python benchmarks/compare_torch.py --threads 2 --rounds 8 "
-                          "--json-out benchmarks/results/compare_torch.json",
+    "compare_torch.json": "python benchmarks/compare_torch.py --threads 2 --rounds 9 "
+                          "--baseline DIR --json-out benchmarks/results/compare_torch.json",
     "lora_vs_full_gpt-6x384.json": "tinylora bench lora --config gpt-6x384",
     "infer_gpt-6x384.json": "tinylora bench infer --config gpt-6x384",
     "infer_nanogpt-cpu.json": "tinylora bench infer --config nanogpt-cpu",
@@ -51,7 +51,7 @@ SOURCES = {
 }
 
 # the project's goals, stated next to the measured figure (not measurements)
-TARGET_RATIO = {"full": "≥ 0.9", "lora": "≥ 1.0"}
+TARGET_RATIO = {"full": "≥ 1.0", "lora": "≥ 1.3"}
 
 
 def load(name: str):
@@ -227,7 +227,18 @@ def compare_torch() -> str:
         "| tinylora GFLOP/s (MFU) | peak RSS tinylora / PyTorch |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         *rows,
+        *_against_baseline(d),
     ])
+
+
+def _against_baseline(d: dict) -> list:
+    """The same run's third side (--baseline DIR): the code before a change, timed alike."""
+    rs = [r for r in d["results"] if "ratio_vs_baseline" in r]
+    if not rs:
+        return []
+    lo, hi = min(r["ratio_vs_baseline"] for r in rs), max(r["ratio_vs_baseline"] for r in rs)
+    return ["", f"The same run also timed {rs[0]['baseline']} with `--baseline`: this code runs at "
+                f"{lo:.3f}–{hi:.3f}x its speed on these four steps."]
 
 
 def lora_vs_full() -> str:
