@@ -38,6 +38,8 @@ COMMANDS = {
     "encode_threads2.json": "PYTHONPATH=. python benchmarks/bench_encode.py --threads 2",
     "encode_threads1.json": "PYTHONPATH=. python benchmarks/bench_encode.py --threads 1",
     "qlora.json": "tinylora bench qlora",
+    "llama_smollm2.json": "PYTHONPATH=. python benchmarks/bench_llama.py --threads 2 --json-out "
+                          "benchmarks/results/llama_smollm2.json (needs torch, transformers, peft)",
 }
 # each README block -> the files it is written from
 SOURCES = {
@@ -48,6 +50,7 @@ SOURCES = {
     "infer": ["infer_gpt-6x384.json", "infer_nanogpt-cpu.json"],
     "encode": ["encode_threads2.json", "encode_threads1.json"],
     "qlora": ["qlora.json"],
+    "llama": ["llama_smollm2.json"],
 }
 
 # the project's goals, stated next to the measured figure (not measurements)
@@ -326,8 +329,67 @@ def qlora() -> str:
     ])
 
 
+def llama_counts(c: dict, r: int = 8) -> dict:
+    """Parameter counts of a Llama config (HF field names), and of rank-r adapters on it."""
+    C, L, I, V = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
+    hd = c.get("head_dim") or C // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    shapes = {"q_proj": (C, q), "k_proj": (C, kv), "v_proj": (C, kv), "o_proj": (q, C),
+              "gate_proj": (C, I), "up_proj": (C, I), "down_proj": (I, C)}   # (in, out)
+    proj = L * sum(i * o for i, o in shapes.values())
+    emb = V * C * (1 if c.get("tie_word_embeddings", True) else 2)
+    norms = (2 * L + 1) * C
+    return {"C": C, "L": L, "I": I, "V": V, "hd": hd, "kv": kv, "proj": proj, "emb": emb,
+            "norms": norms, "total": proj + emb + norms, "n_proj": L * len(shapes), "r": r,
+            "qv": L * r * sum(sum(shapes[k]) for k in ("q_proj", "v_proj")),
+            "all": L * r * sum(i + o for i, o in shapes.values())}
+
+
+def llama() -> str:
+    d = load("llama_smollm2.json")
+    c, n = d["config"], llama_counts(d["config"])
+    bpp = d["qlora_base"]["bytes_per_param"]
+    mb = 1e6
+    base_q = n["proj"] * bpp + (n["emb"] + n["norms"]) * 4
+    tr, ge, ml, mq = d["train"], d["generate"], d["memory_lora"], d["memory_qlora"]
+    return "\n".join([
+        source_line("llama"),
+        "",
+        f"What it takes in memory, counted from the shapes (hidden {n['C']}, {n['L']} layers, "
+        f"{c['num_attention_heads']} query and {c['num_key_value_heads']} K/V heads of {n['hd']}, "
+        f"MLP {n['I']}, vocabulary {n['V']:,}, tied head): {n['total'] / 1e6:.1f}M parameters, of "
+        f"which the {n['n_proj']} projections hold {n['proj'] / 1e6:.1f}M and the embedding "
+        f"{n['emb'] / 1e6:.1f}M. tinylora computes in float32 (4 bytes per value; a bf16 file is "
+        "widened on loading). An adapter of rank r on a d_in × d_out projection has "
+        "r·(d_in + d_out) values, and training keeps each trainable value 4 times (weight, "
+        "gradient, AdamW's two moments). The 4-bit projections take the bytes per parameter "
+        "measured below, quant-state records included.",
+        "",
+        "| | base weights | adapters, r=8 (trainable) | adapters + gradients + AdamW |",
+        "| --- | ---: | ---: | ---: |",
+        f"| LoRA, float32 base | {n['total'] * 4 / mb:.0f} MB | q_proj,v_proj: "
+        f"{n['qv'] / 1e6:.2f}M ({n['qv'] * 4 / mb:.1f} MB); all-linear: {n['all'] / 1e6:.2f}M "
+        f"({n['all'] * 4 / mb:.1f} MB) | {n['qv'] * 16 / mb:.1f} MB; {n['all'] * 16 / mb:.0f} MB |",
+        f"| QLoRA, NF4 projections | {n['proj'] * bpp / mb:.0f} MB projections + "
+        f"{(n['emb'] + n['norms']) * 4 / mb:.0f} MB embedding and norms = {base_q / mb:.0f} MB "
+        "| the same | the same |",
+        "",
+        f"Measured on a random model of these shapes ({d['threads']} threads, batch {d['batch']} × "
+        f"{d['seq']} tokens, all-linear adapters, gradient checkpointing as the command line "
+        f"uses): peak resident size {ml['peak_rss_mb'] / 1e3:.2f} GB with LoRA and "
+        f"{mq['peak_rss_mb'] / 1e3:.2f} GB with QLoRA (the model is built in float32 before its "
+        f"projections are quantized, so QLoRA lowers the steady state more than the peak); the "
+        f"4-bit base takes {bpp:.3f} bytes per parameter (target ≤ 0.55). Against transformers + "
+        f"PEFT in PyTorch eager on the same shapes: LoRA fine-tuning {tr['tinylora_tokens_per_s']:,.0f} "
+        f"vs {tr['torch_tokens_per_s']:,.0f} tokens/s ({tr['speedup_vs_torch']:.2f}x; target "
+        f"≥ 1.0), generation with the KV cache {ge['tinylora_tokens_per_s']:,.1f} vs "
+        f"{ge['torch_tokens_per_s']:,.1f} tokens/s ({ge['speedup_vs_torch']:.2f}x; target ≥ 1.0).",
+    ])
+
+
 RENDER = {"demo": demo, "classify": classify, "compare-torch": compare_torch,
-          "lora-vs-full": lora_vs_full, "infer": infer, "encode": encode, "qlora": qlora}
+          "lora-vs-full": lora_vs_full, "infer": infer, "encode": encode, "qlora": qlora,
+          "llama": llama}
 assert RENDER.keys() == SOURCES.keys()
 
 
