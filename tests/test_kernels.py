@@ -120,7 +120,18 @@ def _lora_linear_cases(rng, dt):
              [(257, 33), (65, 33), (65,), (8, 33), (65, 8)])]
 
 
-CASES = {"gelu": _gelu_cases, "layer_norm": _layer_norm_cases,
+def _cross_entropy_cases(rng, dt):
+    t = rng.integers(0, 37, (4, 9))
+    t[0, :3] = -100                                   # ignored targets
+    big = rng.integers(0, 5003, 70)                   # rows of a large vocabulary: several blocks
+    return [("mean", lambda z: F.cross_entropy(z, t), [(4, 9, 37)]),
+            ("sum, smoothing", lambda z: F.cross_entropy(z, t, reduction="sum",
+                                                         label_smoothing=0.1), [(4, 9, 37)]),
+            ("none", lambda z: F.cross_entropy(z, t, reduction="none"), [(4, 9, 37)]),
+            ("blocks", lambda z: F.cross_entropy(z, big), [(70, 5003)])]
+
+
+CASES = {"gelu": _gelu_cases, "cross_entropy": _cross_entropy_cases, "layer_norm": _layer_norm_cases,
          "scaled_dot_product_attention": _sdpa_cases, "self_attention": _self_attention_cases,
          "lora_linear": _lora_linear_cases}
 
