@@ -30,7 +30,7 @@ MIB = 2 ** 20
 COMMANDS = {
     "demo.json": ("tinylora demo --out DIR", "DIR/metrics.json, absolute paths removed"),
     "classify.json": ("OPENBLAS_NUM_THREADS=1 tinylora classify --out DIR", "DIR/metrics.json"),
-    "compare_torch.json": "python benchmarks/compare_torch.py --threads 2 --rounds 9 "
+    "compare_torch.json": "python benchmarks/compare_torch.py --threads 2 --rounds 16 "
                           "--baseline DIR --json-out benchmarks/results/compare_torch.json",
     "lora_vs_full_gpt-6x384.json": "tinylora bench lora --config gpt-6x384",
     "infer_gpt-6x384.json": "tinylora bench infer --config gpt-6x384",
