@@ -22,7 +22,8 @@ from tinylora.lora import AdapterLoadError, BaseModelMismatchError
 from tinylora.lora.adapters import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from tinylora.models import GPT, GPTConfig
 from tinylora.nn import ShapeError, StateDictError
-from tinylora.train import TrainConfig, Trainer, train_gpt
+from tinylora.apps.train import train_gpt
+from tinylora.train import TrainConfig, Trainer
 
 TINY = dict(block_size=8, n_layer=2, n_head=2, n_embd=8)
 

@@ -13,7 +13,8 @@ from tinylora.data import load_data
 from tinylora.io import load_safetensors
 from tinylora.models import GPT, GPTConfig
 from tinylora.optim import AdamW
-from tinylora.train import NonFiniteError, TrainConfig, Trainer, train_gpt
+from tinylora.apps.train import train_gpt
+from tinylora.train import NonFiniteError, TrainConfig, Trainer
 
 TINY = dict(block_size=16, n_layer=1, n_head=2, n_embd=16)
 

@@ -27,12 +27,13 @@ import os
 import secrets
 import shutil
 
+from .backend import np
 from .configs import config_from_dict
 from .io import FormatError, load_json, make_folder, read_safetensors_header, save_json
 from .nn.weights import MODEL_FILE, load_model_weights, save_model_weights
 
 __all__ = ["save_checkpoint", "resolve_checkpoint", "save_model_weights", "load_model_weights",
-           "load_gpt", "save_gpt", "CHECKPOINT_FORMAT"]
+           "load_gpt", "save_gpt", "read_trainer_state", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "tinylora-checkpoint"
 
@@ -236,3 +237,32 @@ def load_gpt(path):
     model = GPT(gpt_config)
     load_model_weights(model, folder)
     return model, tokenizer, config
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def read_trainer_state(path) -> dict:
+    """trainer_state.json, checked field by field (FormatError naming the file and field)."""
+    state = load_json(path)
+    if not isinstance(state, dict):
+        raise FormatError(f"{path}: expected a JSON object, got {type(state).__name__}")
+    for key in ("step", "tokens_seen", "nonfinite_skipped"):
+        if not _is_count(state.get(key)):
+            raise FormatError(f"{path}: {key!r} must be an integer >= 0, got {state.get(key)!r:.40}")
+    if not isinstance(state.get("evals"), list):
+        raise FormatError(f"{path}: 'evals' must be a list, got {state.get('evals')!r:.40}")
+    loss = state.get("last_train_loss")
+    if loss is not None and not (isinstance(loss, (int, float)) and not isinstance(loss, bool)):
+        raise FormatError(f"{path}: 'last_train_loss' must be a number or null, got {loss!r:.40}")
+    rng = state.get("rng")
+    try:   # each stream's state must be one a generator accepts (tried on a scratch one)
+        if not (isinstance(rng, dict) and _is_count(rng.get("seed"))):
+            raise ValueError("it needs 'seed', 'host' and 'device'")
+        for stream in ("host", "device"):
+            if rng.get(stream) is not None or stream == "host":
+                np.random.default_rng().bit_generator.state = rng[stream]
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
+        raise FormatError(f"{path}: 'rng' is not a saved random-generator state ({e})") from None
+    return state

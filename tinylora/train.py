@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 
 from . import backend
 from .backend import np
-from .checkpoint import (CHECKPOINT_FORMAT, load_model_weights, resolve_checkpoint,
-                         save_checkpoint, save_model_weights)
+from .checkpoint import (CHECKPOINT_FORMAT, load_model_weights, read_trainer_state,
+                         resolve_checkpoint, save_checkpoint, save_model_weights)
 from .data import TextData, get_batch
 from .hints import Fix, hinted
 from .io import FormatError, atomic_write_text, load_json, make_folder
@@ -265,7 +265,7 @@ class Trainer:
             raise ValueError(f"cannot resume from {folder}: it was trained on "
                              f"{saved['data'].get('source')!r} with different content (SHA-256 "
                              "mismatch); resume with the same data")
-        state = _read_trainer_state(os.path.join(folder, "trainer_state.json"))
+        state = read_trainer_state(os.path.join(folder, "trainer_state.json"))
         undo = _snapshot(self.model, self.optimizer)
         try:
             self.load_model(self.model, folder)
@@ -472,35 +472,6 @@ class Trainer:
 
 # ----------------------------------------------------------------------------- resume helpers
 
-def _is_count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _read_trainer_state(path) -> dict:
-    """trainer_state.json, checked field by field (FormatError naming the file and field)."""
-    state = load_json(path)
-    if not isinstance(state, dict):
-        raise FormatError(f"{path}: expected a JSON object, got {type(state).__name__}")
-    for key in ("step", "tokens_seen", "nonfinite_skipped"):
-        if not _is_count(state.get(key)):
-            raise FormatError(f"{path}: {key!r} must be an integer >= 0, got {state.get(key)!r:.40}")
-    if not isinstance(state.get("evals"), list):
-        raise FormatError(f"{path}: 'evals' must be a list, got {state.get('evals')!r:.40}")
-    loss = state.get("last_train_loss")
-    if loss is not None and not (isinstance(loss, (int, float)) and not isinstance(loss, bool)):
-        raise FormatError(f"{path}: 'last_train_loss' must be a number or null, got {loss!r:.40}")
-    rng = state.get("rng")
-    try:   # each stream's state must be one a generator accepts (tried on a scratch one)
-        if not (isinstance(rng, dict) and _is_count(rng.get("seed"))):
-            raise ValueError("it needs 'seed', 'host' and 'device'")
-        for stream in ("host", "device"):
-            if rng.get(stream) is not None or stream == "host":
-                np.random.default_rng().bit_generator.state = rng[stream]
-    except (TypeError, ValueError, KeyError, OverflowError) as e:
-        raise FormatError(f"{path}: 'rng' is not a saved random-generator state ({e})") from None
-    return state
-
-
 def _snapshot(model, optimizer):
     """What resume may change: every weight's array, the optimizer's state and groups."""
     tensors = {id(t): t for t in model.state_dict().values()}.values()
@@ -516,84 +487,3 @@ def _restore(undo) -> None:
     for g, old in zip(optimizer.param_groups, groups):
         g.clear()
         g.update(old)
-
-
-# ----------------------------------------------------------------------------- runs
-
-def resume_settings(out_dir, config_cls, model_args: dict, data, train_args: dict, load_tokenizer):
-    """What a resumed run keeps from the run in ``out_dir``: ``(checkpoint folder, tokenizer,
-    model config, data source, TrainConfig)``, after the checks that it may be resumed as
-    asked (the same model and data; train_args override the saved training settings).
-    load_tokenizer(folder) reads the run's tokenizer (and checks the checkpoint's kind)."""
-    from .configs import config_from_dict
-
-    if out_dir is None:
-        raise ValueError("resume needs the run folder (out_dir) to continue from")
-    folder = resolve_checkpoint(out_dir)
-    tokenizer = load_tokenizer(folder)
-    src = os.path.join(folder, "config.json")
-    saved = load_json(src)
-    saved_model = config_from_dict(config_cls, saved["model"]["config"], source=src)
-    changed = {k: v for k, v in model_args.items() if getattr(saved_model, k) != v}
-    if changed:
-        raise ValueError(f"cannot change the model when resuming ({', '.join(changed)} differ "
-                         f"from {src}); start a new run in another --out folder")
-    saved_source = (saved.get("data") or {}).get("source")
-    if data is not None and data != saved_source:
-        raise ValueError(f"cannot resume on other data: the run was trained on "
-                         f"{saved_source!r}, not {data!r}")
-    config = config_from_dict(TrainConfig, {**saved["train"], **train_args}, source=src)
-    return folder, tokenizer, saved_model, saved_source, config
-
-
-def seed_and_train(model_cls, model_config, data: TextData, config: TrainConfig, out_dir,
-                   resume_from=None):
-    """Seed, build ``model_cls(model_config)`` and train it (continuing from the checkpoint
-    folder ``resume_from``, if given): ``(model, tokenizer, result)``."""
-    backend.manual_seed(config.seed)
-    model = model_cls(model_config)
-    trainer = Trainer(model, data, config, out_dir)
-    if resume_from is not None:
-        trainer.resume(resume_from)
-    return model, data.tokenizer, trainer.train()
-
-
-# ----------------------------------------------------------------------------- GPT runs
-
-GPT_DEFAULTS = dict(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True)
-
-
-def train_gpt(data: str | None = None, out_dir=None, *, model_args: dict | None = None,
-              train_args: dict | None = None, resume: bool = False):
-    """Train a character-level GPT on ``builtin:NAME`` or a text file; ``(model, tokenizer, result)``.
-
-    model_args: GPTConfig fields other than vocab_size (which the tokenizer sets), over
-    ``GPT_DEFAULTS``. train_args: TrainConfig fields. resume: continue the run in
-    ``out_dir`` from its latest checkpoint, with its model, tokenizer, data and training
-    config; train_args given here override the saved ones (e.g. a larger max_iters).
-    """
-    from .data import CharTokenizer, load_data
-    from .models.gpt import GPT, GPTConfig
-
-    model_args, train_args = dict(model_args or {}), dict(train_args or {})
-    tokenizer = None
-    if resume:
-        folder, tokenizer, model_config, data, config = resume_settings(
-            out_dir, GPTConfig, model_args, data, train_args,
-            lambda folder: CharTokenizer.from_dict(
-                load_json(os.path.join(folder, "config.json"))["tokenizer"]))
-    else:
-        if data is None:
-            raise ValueError("no data: give builtin:NAME or a text file")
-        config = TrainConfig(**train_args)
-        model_config = None
-    block = config.block_size or (model_config.block_size if model_config else
-                                  model_args.get("block_size", GPT_DEFAULTS["block_size"]))
-    text_data = load_data(data, tokenizer=tokenizer, block_size=block)
-    if model_config is None:
-        args = {**GPT_DEFAULTS, **model_args}
-        if args.pop("vocab_size", text_data.tokenizer.vocab_size) != text_data.tokenizer.vocab_size:
-            raise ValueError("vocab_size is set by the tokenizer; leave it out of model_args")
-        model_config = GPTConfig(vocab_size=text_data.tokenizer.vocab_size, **args)
-    return seed_and_train(GPT, model_config, text_data, config, out_dir,
-                          resume_from=folder if resume else None)

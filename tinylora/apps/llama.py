@@ -24,7 +24,8 @@ from ..data.instruct import IGNORE, InstructionData
 from ..io import FormatError, atomic_write_bytes, load_json
 from ..models.llama import MODEL_TYPES, Llama, LlamaConfig
 from ..tensor import no_grad
-from ..train import TrainConfig, resume_settings, seed_and_train
+from ..train import TrainConfig
+from .train import resume_settings, seed_and_train
 
 __all__ = ["hf_model_type", "is_llama_folder", "load_llama_pretrained", "need_tokenizer",
            "eos_token_ids",

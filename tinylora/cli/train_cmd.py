@@ -41,7 +41,8 @@ def register(sub, name, summary):
     p = add_command(sub, name, summary, __doc__)
     p.add_argument("--arch", choices=["gpt", "llama"], default=None,
                    help="model architecture (default: gpt; on --resume: the run's)")
-    from ..train import GPT_DEFAULTS, TrainConfig
+    from ..apps.train import GPT_DEFAULTS
+    from ..train import TrainConfig
     p.add_argument("--data", default=None,
                    help="required (except with --resume, which uses the run's): builtin:prose, "
                         "builtin:python or a UTF-8 text file")
@@ -66,7 +67,7 @@ def register(sub, name, summary):
 
 
 def run(args) -> int:
-    from ..train import train_gpt
+    from ..apps.train import train_gpt
 
     model_args = {f: getattr(args, flag[2:].replace("-", "_"))
                   for flag, (f, _, _) in _MODEL_FLAGS.items()}
