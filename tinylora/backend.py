@@ -21,6 +21,8 @@ import numpy as np
 from . import guard as _guard_module   # below backend: NumPy behind CuPy's rules (tests)
 from .guard import HostSyncError
 
+_guard_module.bind(np)                  # the guard gets NumPy from here, the one place it is imported
+
 __all__ = [
     "xp", "np", "DeviceError", "HostSyncError", "set_device", "get_device", "is_cuda", "on_device",
     "get_default_dtype", "set_default_dtype", "default_dtype",

@@ -17,8 +17,8 @@ CuPy array refuses. What it catches, each a bug that would otherwise surface onl
    counted, and refused inside ``backend.no_host_sync()``.
 
 Only ``backend`` imports this module (for ``HostSyncError``) and builds its namespace. It
-sits below backend and imports nothing from tinylora: it is NumPy itself, restricted, so it
-is the one module besides backend that imports numpy. CuPy's names come from
+sits below backend and imports nothing from tinylora; it is NumPy itself, restricted, and gets
+NumPy from backend (``bind``), the one module that imports it. CuPy's names come from
 ``cupy_namespace.json`` next to this file (made from a pinned CuPy by
 ``tests/fixtures/make_cupy_namespace.py``), so the guard needs no CuPy installed.
 """
@@ -28,15 +28,24 @@ import contextlib
 import json
 import os
 
-import numpy as np
-
 __all__ = ["GuardArray", "namespace", "wrap", "scatter_add", "no_host_sync", "sync_count",
            "op_count"]
 
 _IMPLICIT = ("Implicit conversion to a NumPy array is not allowed. Please use `.get()` to "
              "construct a NumPy array explicitly. [device guard: CuPy raises this; use "
              "backend.to_numpy(a) or Tensor.numpy()]")
-_SCALARS = (bool, int, float, complex, np.generic)
+np = None                 # NumPy, bound by backend before any use (see ``bind``)
+_SCALARS: tuple = ()      # the scalar types an operand may be
+_SCATTER_DTYPES: tuple = ()
+
+
+def bind(numpy) -> None:
+    """Give the guard NumPy (backend calls this at import: only backend imports numpy)."""
+    global np, _SCALARS, _SCATTER_DTYPES
+    np = numpy
+    _SCALARS = (bool, int, float, complex, np.generic)
+    _SCATTER_DTYPES = tuple(np.dtype(t) for t in ("int32", "float16", "float32", "float64",
+                                                  "uint32", "uint64"))
 
 # --------------------------------------------------------------------------- host syncs
 
@@ -518,6 +527,3 @@ def scatter_add(target: GuardArray, indices, values, host_scatter_add) -> None:
     v = values._a if type(values) is GuardArray else values
     host_scatter_add(target._a, i, v)    # the host's own summation order: CPU-identical sums
 
-
-_SCATTER_DTYPES = tuple(np.dtype(t) for t in ("int32", "float16", "float32", "float64",
-                                              "uint32", "uint64"))
