@@ -5,8 +5,6 @@ does. Through the real command line, in a real process, with a real SIGINT."""
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,27 +13,10 @@ import pytest
 from tinylora.cli import main
 from tinylora.io import load_safetensors
 
+from cli_process import start_cli, wait_for_steps
+
 ARGS = ["--data", "builtin:python", "--max-iters", "1500", "--eval-interval", "500",
         "--eval-iters", "2", "--batch-size", "4", "--lora-r", "2", "--no-progress"]
-
-
-def _cli(args):
-    code = "import sys; from tinylora.cli import main; sys.exit(main(sys.argv[1:]))"
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-
-
-def _wait_for_steps(metrics: Path, n: int, proc, timeout=90):
-    import time
-    t = time.time()
-    while time.time() - t < timeout:
-        if metrics.exists() and metrics.read_text().count('"event": "train"') >= n:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"fine-tuning ended early: {proc.communicate()}")
-        time.sleep(0.02)
-    raise AssertionError("fine-tuning made no progress")
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +39,8 @@ def _final_weights(out: Path, method: str) -> dict:
 def test_interrupted_finetune_saves_and_resumes_bit_for_bit(base, tmp_path, method, capsys):
     how = {"lora": [], "qlora": ["--qlora"], "full": ["--full"]}[method]
     run = tmp_path / "run"
-    p = _cli(["finetune", "--base", str(base), *ARGS, *how, "--out", str(run)])
-    _wait_for_steps(run / "metrics.jsonl", 2, p)
+    p = start_cli(["finetune", "--base", str(base), *ARGS, *how, "--out", str(run)])
+    wait_for_steps(run / "metrics.jsonl", 2, p)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
@@ -83,12 +64,12 @@ def test_interrupted_finetune_saves_and_resumes_bit_for_bit(base, tmp_path, meth
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == step
     assert not (run / "adapter_model.safetensors").exists()          # no final result yet
 
-    resumed = _cli(["finetune", "--out", str(run), "--resume", "--no-progress"])
+    resumed = start_cli(["finetune", "--out", str(run), "--resume", "--no-progress"])
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "1500 steps" in out
 
-    clean = _cli(["finetune", "--base", str(base), *ARGS, *how, "--out", str(tmp_path / "clean")])
+    clean = start_cli(["finetune", "--base", str(base), *ARGS, *how, "--out", str(tmp_path / "clean")])
     out, err = clean.communicate(timeout=300)
     assert clean.returncode == 0, err
     a, b = _final_weights(run, method), _final_weights(tmp_path / "clean", method)
