@@ -19,6 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+from compare_torch import cpu_name, write_json  # noqa: E402  (the same machine facts and output)
 CONFIGS = {
     "nanogpt-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
     "gpt-6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8),
@@ -80,22 +81,9 @@ def main(argv=None):
             print(json.dumps(rows[-1]), file=sys.stderr)
     out = {"results": rows, "threads": a.threads, "numpy": numpy.__version__,
            "python": platform.python_version(), "cpu_count": os.cpu_count(),
-           "processor": _cpu_name(), "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+           "processor": cpu_name(), "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
            "date": time.strftime("%Y-%m-%d")}
-    text = json.dumps(out, indent=2)
-    if a.json_out:
-        Path(a.json_out).write_text(text + "\n")
-    print(text)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    write_json(out, a.json_out)
 
 
 if __name__ == "__main__":

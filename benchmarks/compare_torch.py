@@ -243,16 +243,22 @@ def main(argv=None):
     out = {"results": rows, "threads": a.threads, "gemm_peak_gflops": round(peak, 1),
            "torch": torch.__version__, "numpy": np.__version__,
            "python": platform.python_version(), "machine": platform.machine(),
-           "processor": _cpu_name(), "cpu_count": os.cpu_count(),
+           "processor": cpu_name(), "cpu_count": os.cpu_count(),
            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
            "date": time.strftime("%Y-%m-%d")}
+    write_json(out, a.json_out)
+
+
+def write_json(out: dict, path=None) -> None:
+    """Print the figures as JSON, and store them in ``path`` when one is given."""
     text = json.dumps(out, indent=2)
-    if a.json_out:
-        Path(a.json_out).write_text(text + "\n")
+    if path:
+        Path(path).write_text(text + "\n")
     print(text)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo), for the stored figures."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
