@@ -133,14 +133,8 @@ def load_gpt2_hf(cls, folder, *, config_cls, dropout: float = 0.0):
         if k in conv1d:
             a = np.ascontiguousarray(a.T)
         state[k] = a.astype(ours[k].dtype, copy=False)
-    if quantized:   # bitsandbytes' quant-state JSON (unpadded) re-encoded at our layers' width
-        from ..quant.prequantized import fit_quant_states
-        try:
-            state = fit_quant_states(model, state)
-        except ValueError as e:
-            raise FormatError(f"{weights}: {e}") from None
-    model.load_weights(state, source=weights)
-    return model
+    from ..quant.prequantized import load_hf_state
+    return load_hf_state(model, state, weights, quantized)
 
 
 def hf_config_from_gpt(config, dtype: str = "float32", tokenizer=None) -> dict:

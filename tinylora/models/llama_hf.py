@@ -185,14 +185,8 @@ def load_llama_hf(cls, folder, config_cls):
         arrays, _ = load_safetensors(path, keys=keys)
         for k in keys:
             state[k] = arrays.pop(k).astype(ours[k].dtype, copy=False)
-    if quantized:   # bitsandbytes' quant-state JSON (unpadded) re-encoded at our layers' width
-        from ..quant.prequantized import fit_quant_states
-        try:
-            state = fit_quant_states(model, state)
-        except ValueError as e:
-            raise FormatError(f"{folder}: {e}") from None
-    model.load_weights(state, source=folder)
-    return model
+    from ..quant.prequantized import load_hf_state
+    return load_hf_state(model, state, folder, quantized)
 
 
 # ----------------------------------------------------------------------------- writing

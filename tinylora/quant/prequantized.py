@@ -21,7 +21,7 @@ from ..io import FormatError
 from .convert import quantize_model
 from .linear4bit import Linear4bit
 
-__all__ = ["bnb_4bit_settings", "quantize_like_the_file", "fit_quant_states"]
+__all__ = ["bnb_4bit_settings", "quantize_like_the_file", "fit_quant_states", "load_hf_state"]
 
 
 def bnb_4bit_settings(qc, where: str):
@@ -68,3 +68,15 @@ def fit_quant_states(model, state: dict) -> dict:
         if isinstance(m, Linear4bit):
             state = m.fit_state_dict(state, prefix=path + "." if path else "")
     return state
+
+
+def load_hf_state(model, state: dict, source: str, quantized: bool):
+    """``model.load_weights(state)`` for a Hugging Face folder; a pre-quantized one's
+    bitsandbytes quant-state JSON (unpadded) is first re-encoded at our layers' width."""
+    if quantized:
+        try:
+            state = fit_quant_states(model, state)
+        except ValueError as e:
+            raise FormatError(f"{source}: {e}") from None
+    model.load_weights(state, source=source)
+    return model
