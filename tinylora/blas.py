@@ -2,10 +2,14 @@
 
 Threads. NumPy's OpenBLAS uses every core by default, and its idle threads spin-wait between
 calls. On a quiet machine more threads make the large GEMMs faster; on a busy one a spinning
-thread fights other processes for its core and a step can get much slower, so there one
-thread wins. ``set_num_threads`` (or the environment
-variable ``TINYLORA_NUM_THREADS``, or the commands' ``--threads``) picks the count; tinylora
-leaves the library's default (all cores) unless told otherwise.
+thread fights another process for its core and a step can take twice as long, so there
+fewer threads win. While it trains, the Trainer uses the cores free now (``FreeCores``: the
+cores this process may use minus those other processes keep busy, from /proc/stat, at least
+1), re-checked every few seconds and around evaluation. An explicit count always wins and is
+never changed: ``set_num_threads``, ``limit_threads``, the environment variable
+``TINYLORA_NUM_THREADS`` (or the library's own OPENBLAS_NUM_THREADS / OMP_NUM_THREADS), the
+commands' ``--threads``. Importing tinylora changes nothing; outside training the library's
+default (all cores) stands.
 
 GEMM. ``gemm(a, b, out, beta=1.0)`` computes ``out = a @ b + beta·out`` in one BLAS call:
 NumPy's ``@`` cannot accumulate, so ``out += a @ b`` writes a temporary and reads it back.
@@ -17,12 +21,15 @@ take, it falls back to NumPy.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
+import time
 
 from . import backend
 from .backend import np
 
-__all__ = ["set_num_threads", "get_num_threads", "limit_threads", "gemm", "blas_info"]
+__all__ = ["set_num_threads", "get_num_threads", "limit_threads", "explicit_choice",
+           "free_core_threads", "FreeCores", "training_threads", "gemm", "blas_info"]
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
@@ -108,22 +115,71 @@ def gemm(a, b, out, beta: float = 1.0, alpha: float = 1.0):
 
 # ----------------------------------------------------------------------------- threads
 
-def set_num_threads(n: int) -> None:
-    """Use ``n`` BLAS threads from now on (all BLAS libraries NumPy loaded)."""
+# The BLAS libraries' own variables: when one is set, its count is the user's choice.
+_LIBRARY_VARIABLES = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS",
+                      "MKL_NUM_THREADS")
+_chosen: int | None = None   # set by set_num_threads (TINYLORA_NUM_THREADS, --threads)
+_pinned = 0                  # limit_threads contexts open now
+
+
+def _positive(n, what: str) -> int:
     n = int(n)
     if n < 1:
-        raise ValueError(f"set_num_threads: need at least 1 thread, got {n}")
-    from threadpoolctl import threadpool_limits
-    threadpool_limits(limits=n, user_api="blas")
+        raise ValueError(f"{what}: need at least 1 thread, got {n}")
+    return n
 
 
-def limit_threads(n: int | None):
-    """A context that caps BLAS threads at ``n`` inside it (None or 0: leave them as they are)."""
-    if not n:
-        import contextlib
-        return contextlib.nullcontext()
+def _apply(n: int) -> None:
     from threadpoolctl import threadpool_limits
-    return threadpool_limits(limits=int(n), user_api="blas")
+    threadpool_limits(limits=n, user_api="blas")   # stays in effect (no context)
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` BLAS threads from now on (all BLAS libraries NumPy loaded). An explicit
+    choice: the trainer's free-cores rule (``FreeCores``) never changes it afterwards."""
+    global _chosen
+    n = _positive(n, "set_num_threads")
+    _apply(n)
+    _chosen = n
+
+
+class limit_threads:
+    """``with limit_threads(n):`` caps BLAS threads at ``n`` inside it (None or 0: leave
+    them as they are). Inside it the count is an explicit choice, which the trainer's
+    free-cores rule leaves alone; on exit the previous count comes back."""
+
+    def __init__(self, n: int | None):
+        self.n = _positive(n, "limit_threads") if n else None
+        self._limits = None
+
+    def __enter__(self):
+        global _pinned
+        if self.n:
+            from threadpoolctl import threadpool_limits
+            self._limits = threadpool_limits(limits=self.n, user_api="blas")
+            _pinned += 1
+        return self
+
+    def __exit__(self, *exc):
+        global _pinned
+        if self._limits is not None:
+            _pinned -= 1
+            self._limits.restore_original_limits()
+            self._limits = None
+        return False
+
+
+def explicit_choice() -> str | None:
+    """What fixed the BLAS thread count (a short description), or None when nothing did
+    and the trainer's free-cores rule may choose it."""
+    if _pinned:
+        return "limit_threads"
+    if _chosen is not None:
+        return f"set_num_threads({_chosen})"
+    for name in _LIBRARY_VARIABLES:
+        if os.environ.get(name, "").strip():
+            return name
+    return None
 
 
 def get_num_threads() -> int | None:
@@ -139,6 +195,144 @@ def blas_info() -> list:
         return []
     return [{k: d.get(k) for k in ("internal_api", "version", "num_threads", "filepath")}
             for d in threadpool_info() if d.get("user_api") == "blas"]
+
+
+# ------------------------------------------------------------------ the free-cores rule
+
+def free_core_threads(usable: int, busy_s: float, own_s: float, wall_s: float) -> int:
+    """BLAS threads for a window of ``wall_s`` seconds: the cores free now.
+
+    usable: the cores this process may run on (its affinity set, else os.cpu_count()).
+    busy_s: the CPU-seconds those cores were busy in the window, all processes together.
+    own_s:  this process's CPU-seconds in the window (all its threads, OpenBLAS's too).
+
+    Other processes kept ``(busy_s - own_s) / wall_s`` cores busy; a core counts as busy
+    once they used more than half of it (rounded half up), and the rest are free:
+    threads = usable - round(others), at least 1.
+    """
+    others = max(0.0, busy_s - own_s) / wall_s if wall_s > 0 else 0.0
+    return max(1, usable - math.floor(others + 0.5))
+
+
+def usable_cpus() -> set:
+    """The CPU ids this process may run on: its affinity set where the OS has one."""
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
+
+
+def busy_seconds(stat: str, cpus, ticks_per_s: int = 100) -> float:
+    """CPU-seconds the CPUs ``cpus`` (ids) were busy since boot, from the text of /proc/stat:
+    user + nice + system + irq + softirq of each ``cpuN`` line. Idle, iowait and steal
+    (time the hypervisor gave to another machine) are not busy; guest time is inside user."""
+    ticks = 0
+    for line in stat.splitlines():
+        if line.startswith("cpu") and line[3:4].isdigit():
+            name, *fields = line.split()
+            if int(name[3:]) in cpus:
+                user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
+                ticks += user + nice + system + irq + softirq
+    return ticks / ticks_per_s
+
+
+def read_sample():
+    """(monotonic time, busy CPU-seconds of the usable CPUs, this process's CPU-seconds,
+    usable CPU count) now, or None where /proc/stat is missing (macOS, Windows)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    cpus = usable_cpus()
+    return time.monotonic(), busy_seconds(stat, cpus, _TICKS), time.process_time(), len(cpus)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+class FreeCores:
+    """The BLAS thread count while training: ``free_core_threads`` over the window since
+    the previous sample, applied unless the count was chosen explicitly (``explicit_choice``:
+    set_num_threads, limit_threads, TINYLORA_NUM_THREADS, ``--threads``, or the library's own
+    OPENBLAS_NUM_THREADS / OMP_NUM_THREADS ...), and never above the count found at start.
+
+    The Trainer calls ``start()`` when training starts (a check; it remembers the count),
+    ``tick()`` after every step (a check at most every ``interval`` seconds, otherwise one
+    clock read), ``check()`` before and after each evaluation, and ``stop()`` at the end
+    (the count found at start comes back; the next window starts there). The count changes
+    only when the answer does.
+
+    A check reads /proc/stat and this process's CPU time (microseconds) and never sleeps,
+    except when there is no usable window: no sample yet, or one older than ``max_age``
+    seconds (stale), then it samples for ``window`` seconds first. A window shorter than
+    ``window`` keeps the previous answer (it is too coarse for /proc/stat's 10 ms ticks)
+    and goes on growing. Without /proc/stat (macOS, Windows) the rule is off and the
+    library's default (all cores) stands.
+    """
+
+    def __init__(self, sample=read_sample, *, interval: float = 5.0, window: float = 0.2,
+                 max_age: float = 30.0, sleep=time.sleep):
+        self.sample, self.interval, self.window, self.max_age = sample, interval, window, max_age
+        self._sleep = sleep
+        self.threads = None         # the last answer
+        self._base = None           # the sample the current window starts at
+        self._last_check = -math.inf
+        self._active = False        # between start() and stop()
+        self._before = self._set = None   # the count at start(); the count this rule set
+
+    def start(self) -> None:
+        self._active, self._set = True, None
+        self._before = get_num_threads() if explicit_choice() is None else None
+        self.check()
+
+    def tick(self) -> None:
+        if time.monotonic() - self._last_check >= self.interval:
+            self.check()
+
+    def check(self) -> int | None:
+        """Apply the rule now; returns the count it set, or None when it left it alone."""
+        self._last_check = time.monotonic()
+        if not self._active or explicit_choice() is not None or self._before is None:
+            return None
+        n = self.answer()
+        current = get_num_threads()
+        if n is None or current is None or (self._set is not None and current != self._set):
+            return None             # no /proc/stat, no BLAS, or changed behind our back
+        n = min(n, self._before)
+        if n != current:
+            _apply(n)
+            current = get_num_threads()   # the library may clamp it
+        self._set = current
+        return current
+
+    def stop(self) -> None:
+        if (self._active and self._set is not None and self._set != self._before
+                and explicit_choice() is None and get_num_threads() == self._set):
+            _apply(self._before)
+        s = self.sample() if self._active and self._before is not None else None
+        if s is not None:
+            self._base = s          # the next start's window: the time between trainings
+        self._active, self._set = False, None
+
+    def answer(self) -> int | None:
+        """The rule's count for the window since the previous sample (None without one)."""
+        s = self.sample()
+        if s is None:
+            return None
+        if self._base is None or s[0] - self._base[0] > self.max_age:
+            self._base = s          # no usable window: make one
+        if s[0] - self._base[0] < self.window:
+            if self.threads is not None and s is not self._base:
+                return self.threads
+            self._sleep(self.window - (s[0] - self._base[0]))
+            s = self.sample()
+        (t0, busy0, own0, _), (t1, busy1, own1, usable) = self._base, s
+        self.threads = free_core_threads(usable, busy1 - busy0, own1 - own0, t1 - t0)
+        self._base = s
+        return self.threads
+
+
+training_threads = FreeCores()   # the one the Trainer uses: its window spans trainings
 
 
 def _from_environment() -> None:

@@ -13,6 +13,7 @@ step 0; batches come from the host stream, dropout from the device stream, and b
 go into every checkpoint, so on the CPU a resumed run repeats the uninterrupted run's losses
 and weights bit for bit. Validation batches come from their own fixed generator, so every
 evaluation sees the same windows and evaluating does not shift the training batches.
+While it trains, BLAS uses the cores free now (blas.FreeCores) unless a count was chosen.
 
 ``metrics.jsonl`` (in the run folder) has one JSON object per line:
   {"event": "train", "step", "train_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
@@ -30,6 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from . import backend
+from .blas import training_threads
 from .backend import np
 from .checkpoint import (CHECKPOINT_FORMAT, load_model_weights, read_trainer_state,
                          resolve_checkpoint, save_checkpoint, save_model_weights)
@@ -305,8 +307,10 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def evaluate(self) -> dict:
         c = self.config
+        training_threads.check()   # BLAS threads: the cores free now (see blas.FreeCores)
         est = estimate_loss(self.model, {"train": self.train_data, "val": self.val_data},
                             c.batch_size, self.block_size, c.eval_iters, c.seed)
+        training_threads.check()
         rec = {"step": self.step, "train_loss": est["train"], "val_loss": est["val"]}
         self.evals.append(rec)
         self._log({"event": "eval", **rec})
@@ -345,6 +349,7 @@ class Trainer:
         self.model.train()
         stop = _StopRequests()
         stop.install()
+        training_threads.start()
         try:
             if self.step == 0 and c.eval_interval and c.max_iters:
                 self.evaluate()
@@ -375,6 +380,7 @@ class Trainer:
                     self._nonfinite(loss, norm)        # raises, or counts the step as skipped
                 tokens_since_log += step_tokens
                 bar.update(1)
+                training_threads.tick()                # a re-check every few seconds
                 end = self.step == c.max_iters
                 log_due = finite and (self.step % c.log_interval == 0 or end)
                 eval_due = c.eval_interval and (self.step % c.eval_interval == 0 or end)
@@ -406,6 +412,7 @@ class Trainer:
                     raise TrainingInterrupted(self.step, self.checkpoint if self.out_dir else None,
                                               stop.signal)
         finally:
+            training_threads.stop()
             stop.restore()
             bar.close()
             if self._metrics is not None:

@@ -197,9 +197,9 @@ def phase_base_sample(s: DemoSettings, out) -> dict:
 
 
 def _blas_threads(threads: int | None):
-    """A context capping BLAS threads (None or 0: the library's own choice). The demo's
-    matrices are small (at most 512 wide): on 2 cores one thread is as fast, and on a busy
-    machine it avoids BLAS threads spinning against other processes."""
+    """A context fixing BLAS threads (None or 0: the Trainer's own rule, the cores free now,
+    see blas.FreeCores). The demo's matrices are small (at most 512 wide): on 2 cores one
+    thread is as fast, and a fixed count keeps its timings from following the machine's load."""
     from ..blas import limit_threads
     return limit_threads(threads)
 
@@ -241,7 +241,7 @@ def _child(argv=None) -> None:
     ap.add_argument("--phase", required=True, choices=("pretrain",) + METHODS)
     ap.add_argument("--out", required=True)
     ap.add_argument("--settings", default="{}", help="DemoSettings fields as JSON")
-    ap.add_argument("--threads", type=int, default=1, help="BLAS threads (0: the library's default)")
+    ap.add_argument("--threads", type=int, default=1, help="BLAS threads (0: auto, the cores free now)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--debug", action="store_true", help="a traceback on errors")
     a = ap.parse_args(argv)
@@ -287,7 +287,7 @@ def run_demo(out="tinylora-demo", *, quick: bool = False, settings: DemoSettings
     quick: the small settings (QUICK). settings: explicit settings instead. seed: overrides
     the settings' seed. isolate: each training phase in its own process, so that each has
     its own peak-memory figure. fresh: pretrain again even when a matching base is cached.
-    threads: BLAS threads per phase (None or 0: the library's default). debug: a failing
+    threads: BLAS threads per phase (None or 0: auto, the cores free now). debug: a failing
     child process prints its traceback.
     """
     from .. import viz

@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `tinylora COMMAND --help` for a command's options and defaults.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="BLAS threads for every command (default: all cores; on a busy "
-                             "machine 1 is often faster; also TINYLORA_NUM_THREADS)")
+                        help="BLAS threads for every command, never changed (default: auto: "
+                             "while training, the cores free now, re-checked every few seconds; "
+                             "otherwise all cores; also TINYLORA_NUM_THREADS)")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, summary in _COMMANDS:

@@ -20,8 +20,9 @@ def register(sub, name, summary):
     p.add_argument("--in-process", action="store_true",
                    help="run every phase in this process (faster start; no per-phase peak memory)")
     p.add_argument("--threads", type=int, default=1,
-                   help="BLAS threads per phase (0: the library's default); the demo's matrices "
-                        "are small, so one thread is as fast on 2 cores")
+                   help="BLAS threads per phase (0: auto, the cores free now, as in training); the "
+                        "demo's matrices are small, so one thread is as fast on 2 cores and "
+                        "leaves its timings alone when the machine gets busy")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_json(p)
     p.set_defaults(func=run)
