@@ -141,15 +141,18 @@ def test_a_short_window_keeps_the_answer_and_a_stale_one_is_sampled_again(unpinn
     FakeLibrary(monkeypatch)
     m = FakeMachine(usable=4, others=2.0, step=0.0)
     fc = blas.FreeCores(m.sample, sleep=m.sleep, window=0.2, max_age=30.0)
-    assert fc.answer() == 2
+    assert fc.answer(max_age=30.0) == 2
     m.others = 0.0
     m.advance(0.05)
     assert fc.answer() == 2 and len(m.slept) == 1        # too short: the answer stands
     m.advance(0.5)
     assert fc.answer() == 4 and len(m.slept) == 1        # the window grew past 0.2 s
     m.others = 3.0
-    m.advance(100.0)                                     # stale: a fresh short window
-    assert fc.answer() == 1 and len(m.slept) == 2
+    m.advance(100.0)
+    assert fc.answer() == 1 and len(m.slept) == 1        # in training: the long window
+    m.others = 0.0
+    m.advance(100.0)                                     # at start, stale: a fresh short one
+    assert fc.answer(max_age=30.0) == 4 and len(m.slept) == 2
 
 
 def test_the_rule_restores_the_count_and_never_exceeds_the_one_found_at_start(unpinned, monkeypatch):
@@ -260,7 +263,7 @@ def test_the_trainer_checks_at_start_every_interval_around_evaluation_and_restor
     monkeypatch.setattr(train, "training_threads", fc)
     checks = []
     real = fc.check
-    monkeypatch.setattr(fc, "check", lambda: checks.append(lib.threads) or real())
+    monkeypatch.setattr(fc, "check", lambda **kw: checks.append(lib.threads) or real(**kw))
     seen = []
     monkeypatch.setattr(fc, "tick", lambda: seen.append(lib.threads) or blas.FreeCores.tick(fc))
     _train(steps=4, eval_interval=2)

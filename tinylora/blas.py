@@ -263,15 +263,17 @@ class FreeCores:
     only when the answer does.
 
     A check reads /proc/stat and this process's CPU time (microseconds) and never sleeps,
-    except when there is no usable window: no sample yet, or one older than ``max_age``
-    seconds (stale), then it samples for ``window`` seconds first. A window shorter than
+    except when there is no usable window: no sample yet, or at start one older than
+    ``max_age`` seconds (an average over a long pause says little about now); then it samples
+    for ``window`` seconds first. During training the window is the time since the previous
+    check, however long the steps are. A window shorter than
     ``window`` keeps the previous answer (it is too coarse for /proc/stat's 10 ms ticks)
     and goes on growing. Without /proc/stat (macOS, Windows) the rule is off and the
     library's default (all cores) stands.
     """
 
     def __init__(self, sample=read_sample, *, interval: float = 5.0, window: float = 0.2,
-                 max_age: float = 30.0, sleep=time.sleep):
+                 max_age: float = 10.0, sleep=time.sleep):
         self.sample, self.interval, self.window, self.max_age = sample, interval, window, max_age
         self._sleep = sleep
         self.threads = None         # the last answer
@@ -283,18 +285,18 @@ class FreeCores:
     def start(self) -> None:
         self._active, self._set = True, None
         self._before = get_num_threads() if explicit_choice() is None else None
-        self.check()
+        self.check(max_age=self.max_age)
 
     def tick(self) -> None:
         if time.monotonic() - self._last_check >= self.interval:
             self.check()
 
-    def check(self) -> int | None:
+    def check(self, max_age: float = math.inf) -> int | None:
         """Apply the rule now; returns the count it set, or None when it left it alone."""
         self._last_check = time.monotonic()
         if not self._active or explicit_choice() is not None or self._before is None:
             return None
-        n = self.answer()
+        n = self.answer(max_age)
         current = get_num_threads()
         if n is None or current is None or (self._set is not None and current != self._set):
             return None             # no /proc/stat, no BLAS, or changed behind our back
@@ -314,12 +316,13 @@ class FreeCores:
             self._base = s          # the next start's window: the time between trainings
         self._active, self._set = False, None
 
-    def answer(self) -> int | None:
-        """The rule's count for the window since the previous sample (None without one)."""
+    def answer(self, max_age: float = math.inf) -> int | None:
+        """The rule's count for the window since the previous sample (None without
+        /proc/stat); a fresh ``window`` when there is none or it is older than ``max_age``."""
         s = self.sample()
         if s is None:
             return None
-        if self._base is None or s[0] - self._base[0] > self.max_age:
+        if self._base is None or s[0] - self._base[0] > max_age:
             self._base = s          # no usable window: make one
         if s[0] - self._base[0] < self.window:
             if self.threads is not None and s is not self._base:
