@@ -2,8 +2,8 @@
 
 Threads. NumPy's OpenBLAS uses every core by default, and its idle threads spin-wait between
 calls. On a quiet machine more threads make the large GEMMs faster; on a busy one a spinning
-thread fights another process for its core and a step can take twice as long, so there
-fewer threads win. While it trains, the Trainer uses the cores free now (``FreeCores``: the
+thread fights another process for its core and every step slows down, so there fewer
+threads win. While it trains, the Trainer uses the cores free now (``FreeCores``: the
 cores this process may use minus those other processes keep busy, from /proc/stat, at least
 1), re-checked every few seconds and around evaluation. An explicit count always wins and is
 never changed: ``set_num_threads``, ``limit_threads``, the environment variable
@@ -266,10 +266,9 @@ class FreeCores:
     except when there is no usable window: no sample yet, or at start one older than
     ``max_age`` seconds (an average over a long pause says little about now); then it samples
     for ``window`` seconds first. During training the window is the time since the previous
-    check, however long the steps are. A window shorter than
-    ``window`` keeps the previous answer (it is too coarse for /proc/stat's 10 ms ticks)
-    and goes on growing. Without /proc/stat (macOS, Windows) the rule is off and the
-    library's default (all cores) stands.
+    check, however long the steps are. A window shorter than ``window`` keeps the previous
+    answer (it is too coarse for /proc/stat's 10 ms ticks) and goes on growing. Without
+    /proc/stat (macOS, Windows) the rule is off and the library's default (all cores) stands.
     """
 
     def __init__(self, sample=read_sample, *, interval: float = 5.0, window: float = 0.2,
