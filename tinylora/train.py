@@ -31,8 +31,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from . import backend
-from .blas import training_threads
 from .backend import np
+from .blas import training_threads
 from .checkpoint import (CHECKPOINT_FORMAT, load_model_weights, read_trainer_state,
                          resolve_checkpoint, save_checkpoint, save_model_weights)
 from .data import TextData, get_batch
@@ -307,7 +307,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def evaluate(self) -> dict:
         c = self.config
-        training_threads.check()   # BLAS threads: the cores free now (see blas.FreeCores)
+        training_threads.check()   # evaluation is a phase of its own: check before and after
         est = estimate_loss(self.model, {"train": self.train_data, "val": self.val_data},
                             c.batch_size, self.block_size, c.eval_iters, c.seed)
         training_threads.check()
@@ -349,8 +349,8 @@ class Trainer:
         self.model.train()
         stop = _StopRequests()
         stop.install()
-        training_threads.start()
         try:
+            training_threads.start()                   # BLAS threads: the cores free now
             if self.step == 0 and c.eval_interval and c.max_iters:
                 self.evaluate()
             while self.step < c.max_iters:
