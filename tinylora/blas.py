@@ -49,11 +49,11 @@ def _openblas():
 def _load():
     path = _openblas()
     if path is None:
-        return None, {}
+        return None, {}, None
     try:
         lib = ctypes.CDLL(path)
     except OSError:
-        return None, {}
+        return None, {}, None
     funcs = {}
     # NumPy >= 2 bundles scipy-openblas with 64-bit integers and a "scipy_" prefix; older
     # wheels export plain names. Try the 64-bit-integer names first.
@@ -71,10 +71,17 @@ def _load():
                           ctypes.c_void_p, int_t]
             funcs[np.dtype(dt)] = f
         break
-    return lib, funcs
+    threads = None
+    for name in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+                 "openblas_get_num_threads"):
+        if hasattr(lib, name):
+            threads = getattr(lib, name)
+            threads.restype = ctypes.c_int
+            break
+    return lib, funcs, threads
 
 
-_lib, _GEMM = _load()
+_lib, _GEMM, _THREADS = _load()
 
 
 def _layout(m):
@@ -180,6 +187,12 @@ def explicit_choice() -> str | None:
         if os.environ.get(name, "").strip():
             return name
     return None
+
+
+def num_threads_now() -> int:
+    """OpenBLAS's thread count, asked directly (a fraction of a microsecond, unlike
+    threadpoolctl's scan); the blocked kernels use as many threads. 1 without OpenBLAS."""
+    return max(1, _THREADS()) if _THREADS is not None else 1
 
 
 def get_num_threads() -> int | None:

@@ -9,7 +9,7 @@ import math
 
 from .. import dispatch
 from ..backend import xp
-from .blocking import block_rows, blocks
+from .blocking import block_rows, blocks, parallel
 
 
 # p ← p·(1 − lr·wd);  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;
@@ -25,25 +25,28 @@ def adamw_update(P, g, m, v, *, step: int, lr: float, betas, eps: float, weight_
         raise ValueError("AdamW: parameters must be contiguous arrays")
     Pf, gf = P.reshape(-1), xp.ascontiguousarray(g).reshape(-1)
     mf, vf = m.reshape(-1), v.reshape(-1)
-    tmp = xp.empty(block_rows(Pf.size), dtype=P.dtype)
-    for b in blocks(Pf.size):
-        p, gr, mb, vb = Pf[b], gf[b], mf[b], vf[b]
-        u = tmp[:p.size]
-        if decay is not None:
-            p *= decay                               # p ← p·(1 − lr·wd)
-        mb *= dt(b1)                                 # m ← β₁m + (1−β₁)g
-        xp.multiply(gr, c1, out=u)
-        mb += u
-        vb *= dt(b2)                                 # v ← β₂v + (1−β₂)g²
-        xp.multiply(gr, gr, out=u)
-        u *= c2
-        vb += u
-        xp.sqrt(vb, out=u)                           # √v̂ + ε = √v / √(1−β₂ᵗ) + ε
-        u *= rs2
-        u += eps
-        xp.divide(mb, u, out=u)                      # p ← p − lr/(1−β₁ᵗ) · m / (√v̂ + ε)
-        u *= step_size
-        p -= u
+    step_rows = block_rows(Pf.size)
 
+    def run(part):
+        u_buf = xp.empty(step_rows, dtype=P.dtype)   # scratch, one per thread
+        for b in part:
+            p, gr, mb, vb = Pf[b], gf[b], mf[b], vf[b]
+            u = u_buf[:p.size]
+            if decay is not None:
+                p *= decay                           # p ← p·(1 − lr·wd)
+            mb *= dt(b1)                             # m ← β₁m + (1−β₁)g
+            xp.multiply(gr, c1, out=u)
+            mb += u
+            vb *= dt(b2)                             # v ← β₂v + (1−β₂)g²
+            xp.multiply(gr, gr, out=u)
+            u *= c2
+            vb += u
+            xp.sqrt(vb, out=u)                       # √v̂ + ε = √v / √(1−β₂ᵗ) + ε
+            u *= rs2
+            u += eps
+            xp.divide(mb, u, out=u)                  # p ← p − lr/(1−β₁ᵗ) · m / (√v̂ + ε)
+            u *= step_size
+            p -= u
+    parallel(run, blocks(Pf.size))
 
 dispatch.register("adamw", adamw_update)

@@ -8,7 +8,7 @@ everything at once, unless it must bound its temporary memory (``device_budget``
 """
 from __future__ import annotations
 
-from .. import backend
+from .. import backend, blas
 
 CACHE_VALUES = 1 << 16   # values per block: 256 KiB of float32, which stays in L2
 
@@ -29,3 +29,44 @@ def blocks(rows: int, per_row: int = 1, budget: int = CACHE_VALUES,
     step = block_rows(rows, per_row, budget, device_budget)
     for lo in range(0, rows, step):
         yield slice(lo, min(rows, lo + step))
+
+
+# ----------------------------------------------------------------- blocks on several cores
+#
+# NumPy lets go of the interpreter lock inside each ufunc pass, so Python threads that each
+# take their own run of blocks share the cores for real. Blocks are independent (each
+# writes only its own slice of the outputs), so the values are the same with any count.
+
+_pool = None
+
+
+def threads() -> int:
+    """How many threads a blocked pass uses: as many as BLAS has now, so one knob
+    (``blas.set_num_threads``, ``--threads``, the busy-machine rule) sets both. 1 on a device."""
+    if backend.on_device():
+        return 1
+    return blas.num_threads_now()
+
+
+def parallel(run, slices) -> None:
+    """``run(part)`` for contiguous runs of ``slices``, one run per thread, all finished on return.
+
+    ``run`` makes its own scratch buffers (one set per thread) and loops over its part.
+    """
+    global _pool
+    slices = list(slices)
+    k = min(threads(), len(slices) // 2)     # at least two blocks a thread, else not worth it
+    if k <= 1:
+        run(slices)
+        return
+    if _pool is None or _pool._max_workers < k - 1:
+        from concurrent.futures import ThreadPoolExecutor
+        _pool = ThreadPoolExecutor(max_workers=k - 1, thread_name_prefix="tinylora-blocks")
+    cuts = [len(slices) * i // k for i in range(k + 1)]
+    parts = [slices[cuts[i]:cuts[i + 1]] for i in range(k)]
+    futures = [_pool.submit(run, p) for p in parts[1:]]
+    try:
+        run(parts[0])                        # this thread takes the first part
+    finally:
+        for f in futures:                    # all done (and any error raised) before return
+            f.result()

@@ -12,7 +12,7 @@ from .. import dispatch
 from ..backend import xp
 from ..functional.softmax import check_cross_entropy, nll_loss_from_lse, softmax_to_grad_
 from ..tensor import Tensor, make_result
-from .blocking import CACHE_VALUES, blocks
+from .blocking import CACHE_VALUES, blocks, parallel
 
 _BUDGET = 4 * CACHE_VALUES   # values per block of rows (a row of a large vocabulary is ~200 kB)
 
@@ -24,19 +24,25 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100,
     N, C = Z2.shape
     m = xp.empty((N, 1), dtype=Z2.dtype)
     s = xp.empty((N, 1), dtype=Z2.dtype)
-    for r in blocks(N, C, _BUDGET):
-        z = Z2[r]
-        m[r] = z.max(axis=1, keepdims=True)
-        s[r] = xp.exp(z - m[r]).sum(axis=1, keepdims=True)
+
+    def stats(part):
+        for r in part:
+            z = Z2[r]
+            m[r] = z.max(axis=1, keepdims=True)
+            s[r] = xp.exp(z - m[r]).sum(axis=1, keepdims=True)
+    parallel(stats, blocks(N, C, _BUDGET))
     lse = (xp.log(s) + m)[:, 0]
     loss, n_valid = nll_loss_from_lse(Z2, lse, T, valid, tv, reduction, label_smoothing)
 
     def backward(g):
         d = xp.empty_like(Z2)
-        for r in blocks(N, C, _BUDGET):               # softmax(z) = exp(z - m) / s, recomputed
-            xp.subtract(Z2[r], m[r], out=d[r])
-            xp.exp(d[r], out=d[r])
-            d[r] /= s[r]
+
+        def probs(part):                              # softmax(z) = exp(z - m) / s, recomputed
+            for r in part:
+                xp.subtract(Z2[r], m[r], out=d[r])
+                xp.exp(d[r], out=d[r])
+                d[r] /= s[r]
+        parallel(probs, blocks(N, C, _BUDGET))
         d = softmax_to_grad_(d, g, valid, tv, n_valid, reduction, label_smoothing)
         return (d.reshape(logits.shape),)
     return make_result(loss, (logits,), backward, "cross_entropy", (logits,))
