@@ -90,10 +90,19 @@ def measure(config: str, mode: str, threads: int, steps: int) -> dict:
                 "optimizer_state_mb": round(state / MB, 1),
                 "kept_for_backward_mb": round(sum(by_class.values()) / MB, 1),
                 "kept_by_class_mb": {k: round(v / MB, 2) for k, v in by_class.items()},
-                "largest_kept": [{"class": k.cls, "shape": list(k.shape), "dtype": k.dtype,
-                                  "mb": round(k.nbytes / MB, 2)}
-                                 for k in sorted(kept, key=lambda k: -k.nbytes)[:8]],
+                "kept_by_shape": _by_shape(kept),
                 "step_ms": round(statistics.median(times) * 1e3, 1)}
+
+
+def _by_shape(kept) -> list:
+    """The kept arrays grouped by (class, shape, dtype), largest total first."""
+    groups: dict = {}
+    for k in kept:
+        key = (k.cls, k.shape, k.dtype)
+        n, total = groups.get(key, (0, 0))
+        groups[key] = (n + 1, total + k.nbytes)
+    return [{"class": c, "shape": list(s), "dtype": d, "count": n, "mb": round(total / MB, 2)}
+            for (c, s, d), (n, total) in sorted(groups.items(), key=lambda kv: -kv[1][1])]
 
 
 def _worker(conn, config, mode, threads, steps):

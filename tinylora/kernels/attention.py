@@ -55,9 +55,9 @@ def _chunks(batch: int, per_row: int):
 # P (batch, heads, T, S) is not kept: the forward keeps each row's max and 1/sum, and the
 # backward recomputes P chunk by chunk with the same operations on the same values (bit for
 # bit the forward's P), in a cache-sized scratch block; likewise c·Q.
-def _scores(Q, K, r, mask, bias, is_causal, out, B, T, S, c):
-    """The masked scores S of batch chunk r, written into ``out``."""
-    p = xp.matmul(Q[r] * c, _mT(K[r]), out=out)       # c·Q per chunk: cheaper than S, not kept
+def _scores(qs, K, r, mask, bias, is_causal, out, B, T, S):
+    """The masked scores S of batch chunk r (qs: its c·Q), written into ``out``."""
+    p = xp.matmul(qs, _mT(K[r]), out=out)
     if bias is not None:
         p += bias
     if mask is not None and mask.dtype == bool:  # masked scores become one constant, so a
@@ -82,7 +82,8 @@ def _forward(Q, K, V, O, mask, dropout_p, is_causal, c):
     for r in _chunks(B, math.prod(Q.shape[1:-1]) * S):
         if buf is None:   # one scratch block for every chunk's scores: it stays in cache
             buf = xp.empty((r.stop - r.start,) + Q.shape[1:-1] + (S,), dtype=Q.dtype)
-        p = _scores(Q, K, r, mask, bias, is_causal, buf[:r.stop - r.start], B, T, S, c)
+        qs = Q[r] * c                                  # c·Q per chunk: cheaper than S, not kept
+        p = _scores(qs, K, r, mask, bias, is_causal, buf[:r.stop - r.start], B, T, S)
         mx = stats[0, r]
         p.max(axis=-1, keepdims=True, out=mx)
         p -= mx
@@ -106,7 +107,8 @@ def _backward(G, Q, K, V, O, stats, drop, c, dQ, dK, dV, mask=None, is_causal=Fa
     for r in _chunks(B, math.prod(Q.shape[1:-1]) * S):
         if buf is None:   # one scratch block for every chunk's scores: it stays in cache
             buf = xp.empty((r.stop - r.start,) + Q.shape[1:-1] + (S,), dtype=Q.dtype)
-        p = _scores(Q, K, r, mask, bias, is_causal, buf[:r.stop - r.start], B, T, S, c)
+        qs = Q[r] * c
+        p = _scores(qs, K, r, mask, bias, is_causal, buf[:r.stop - r.start], B, T, S)
         p -= row[0, r]                                 # P = exp(S - max) · (1/sum), as forward
         xp.exp(p, out=p)
         p *= row[1, r]
@@ -129,7 +131,7 @@ def _backward(G, Q, K, V, O, stats, drop, c, dQ, dK, dV, mask=None, is_causal=Fa
             xp.matmul(ds, K[r], out=dQ[r])
             dQ[r] *= c
         if dK is not None:
-            xp.matmul(_mT(ds), Q[r] * c, out=dK[r])
+            xp.matmul(_mT(ds), qs, out=dK[r])
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None,
