@@ -4,6 +4,8 @@ Between a forward and its backward the graph holds two kinds of arrays:
 - activations: the ``.data`` of the graph's non-leaf tensors. A node lists its inputs as
   ``parents``, so an op's output lives until the backward of every op that read it has run,
   whether or not that backward reads it. Class ``"<op> output"`` (the op that made it).
+  An activation whose array no backward closure holds (only tensors, for their shape or
+  requires_grad: an add's inputs) is kept for nothing: ``"<op> output, unread"``.
 - saved extras: arrays an op's backward closure holds that are no tensor's data (a layer
   norm's x̂, attention's probabilities, a dropout mask). Class ``"<op> saved"``.
 
@@ -27,7 +29,7 @@ __all__ = ["KeptArray", "saved_arrays", "by_class"]
 
 @dataclass
 class KeptArray:
-    cls: str          # "<op> output" or "<op> saved"
+    cls: str          # "<op> output", "<op> output, unread" or "<op> saved"
     nbytes: int       # of the whole underlying buffer
     shape: tuple      # of that buffer
     dtype: str
@@ -56,7 +58,8 @@ def _graph(root: Tensor) -> list:
 
 
 def _closure_arrays(fn, out: list, seen_fns: set) -> None:
-    """Arrays (and tensors' arrays) in fn's closure cells, nested closures and tuples included."""
+    """(array, held as a Tensor?) for the arrays in fn's closure cells, nested closures and
+    tuples included."""
     if id(fn) in seen_fns:
         return
     seen_fns.add(id(fn))
@@ -64,9 +67,9 @@ def _closure_arrays(fn, out: list, seen_fns: set) -> None:
     while stack:
         v = stack.pop()
         if isinstance(v, Tensor):
-            out.append(v.data)
+            out.append((v.data, True))
         elif backend.is_array(v):
-            out.append(v)
+            out.append((v, False))
         elif isinstance(v, (tuple, list)):
             stack.extend(v)
         elif isinstance(v, types.FunctionType) and v.__closure__ and id(v) not in seen_fns:
@@ -83,8 +86,9 @@ def _filled(cell) -> bool:
 
 
 def saved_arrays(root: Tensor) -> list:
-    """The arrays root's graph keeps for backward, one ``KeptArray`` per buffer. Call it after
-    the forward, before ``backward`` (which frees the nodes as it goes)."""
+    """The arrays root's graph keeps for backward, one ``KeptArray`` per buffer (root's own
+    array is not counted). Call it after the forward, before ``backward`` (which frees the
+    nodes as it goes)."""
     if not isinstance(root, Tensor):
         raise TypeError(f"saved_arrays: root must be a Tensor (the loss), got {type(root).__name__}")
     tensors = _graph(root)
@@ -93,21 +97,24 @@ def saved_arrays(root: Tensor) -> list:
         if t._node is None:
             owner.setdefault(id(_buffer(t.data)), None)
     for t in tensors:
-        if t._node is not None:
+        if t._node is not None and t is not root:   # root's array is the caller's
             buf = _buffer(t.data)
             owner.setdefault(id(buf), (f"{t._node.op} output", buf))
-    seen_fns: set = set()
+    seen_fns, read = set(), set()
     for t in tensors:
         node = t._node
         if node is None or node.backward is None:
             continue
         found: list = []
         _closure_arrays(node.backward, found, seen_fns)
-        for a in found:
+        for a, as_tensor in found:
             buf = _buffer(a)
             owner.setdefault(id(buf), (f"{node.op} saved", buf))
-    return [KeptArray(cls, int(buf.nbytes), tuple(buf.shape), str(buf.dtype))
-            for entry in owner.values() if entry is not None for cls, buf in (entry,)]
+            if not as_tensor:
+                read.add(id(buf))
+    return [KeptArray(cls + (", unread" if cls.endswith(" output") and key not in read else ""),
+                      int(buf.nbytes), tuple(buf.shape), str(buf.dtype))
+            for key, entry in owner.items() if entry is not None for cls, buf in (entry,)]
 
 
 def by_class(kept) -> dict:
