@@ -4,6 +4,12 @@ The kernels recompute what is cheap to recompute (GELU's tanh(u), layer norm's x
 probabilities) instead of keeping it; the reference ops keep it. Their values and gradients
 are equal (tests/test_kernels.py); here: what stays alive between forward and backward.
 """
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -91,3 +97,24 @@ def test_layer_norm_kernel_rereads_its_input_so_an_in_place_change_is_caught():
     x.copy_(x.data * 2)
     with pytest.raises(RuntimeError, match="modified in place"):
         y.sum().backward()
+
+
+def test_bench_memory_reports_both_modes(tmp_path):
+    """benchmarks/bench_memory.py on the small config: each mode in its own process."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "memory.json"
+    env = dict(os.environ, PYTHONPATH=str(root), OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_memory.py"),
+                           "--config", "nanogpt-cpu", "--threads", "1", "--steps", "1",
+                           "--json-out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    full, lora = res["results"]
+    assert (full["mode"], lora["mode"]) == ("full", "lora")
+    assert lora["grads_mb"] < full["grads_mb"] and lora["optimizer_state_mb"] < full["optimizer_state_mb"]
+    for r in (full, lora):
+        assert r["peak_rss_mb"] > r["rss_after_build_mb"] > 0 and r["step_ms"] > 0
+        assert r["kept_for_backward_mb"] == pytest.approx(sum(r["kept_by_class_mb"].values()), abs=0.1)
+        assert "gelu_tanh saved" not in r["kept_by_class_mb"]
+    assert res["lora_over_full_peak"] == round(lora["peak_rss_mb"] / full["peak_rss_mb"], 3)
