@@ -56,8 +56,10 @@ def _chunks(batch: int, per_row: int):
 # backward recomputes P chunk by chunk with the same operations on the same values (bit for
 # bit the forward's P), in a cache-sized scratch block; likewise c·Q.
 def _scores(qs, K, r, mask, bias, is_causal, out, B, T, S):
-    """The masked scores S of batch chunk r (qs: its c·Q), written into ``out``."""
+    """The masked scores S of batch chunk r (qs: its c·Q), written into ``out``; and the
+    chunk's boolean may-attend mask (None when the mask is additive or absent)."""
     p = xp.matmul(qs, _mT(K[r]), out=out)
+    keep = None
     if bias is not None:
         p += bias
     if mask is not None and mask.dtype == bool:  # masked scores become one constant, so a
@@ -65,7 +67,7 @@ def _scores(qs, K, r, mask, bias, is_causal, out, B, T, S):
         xp.copyto(p, p.dtype.type(masked_value(p.dtype)), where=~keep)
     elif mask is not None:
         p += _rows(mask, r, B).astype(p.dtype, copy=False)
-    return p
+    return p, keep
 
 
 def _forward(Q, K, V, O, mask, dropout_p, is_causal, c):
@@ -83,7 +85,7 @@ def _forward(Q, K, V, O, mask, dropout_p, is_causal, c):
         if buf is None:   # one scratch block for every chunk's scores: it stays in cache
             buf = xp.empty((r.stop - r.start,) + Q.shape[1:-1] + (S,), dtype=Q.dtype)
         qs = Q[r] * c                                  # c·Q per chunk: cheaper than S, not kept
-        p = _scores(qs, K, r, mask, bias, is_causal, buf[:r.stop - r.start], B, T, S)
+        p, _ = _scores(qs, K, r, mask, bias, is_causal, buf[:r.stop - r.start], B, T, S)
         mx = stats[0, r]
         p.max(axis=-1, keepdims=True, out=mx)
         p -= mx
@@ -96,19 +98,19 @@ def _forward(Q, K, V, O, mask, dropout_p, is_causal, c):
             xp.matmul(p * scale * keep, V[r], out=O[r])
         else:
             xp.matmul(p, V[r], out=O[r])
-    return (stats, bias), (drop, scale)
+    return stats, bias, drop, scale
 
 
-def _backward(G, Q, K, V, O, stats, drop, c, dQ, dK, dV, mask=None, is_causal=False):
+def _backward(G, Q, K, V, O, saved, c, dQ, dK, dV, mask=None, is_causal=False):
     """Write dQ, dK, dV (any of them may be None) for output gradient G (B, nh, T, dv)."""
     B, T, S = Q.shape[0], Q.shape[-2], K.shape[-2]
-    (row, bias), (drop, scale) = stats, drop
+    row, bias, drop, scale = saved
     buf = None
     for r in _chunks(B, math.prod(Q.shape[1:-1]) * S):
         if buf is None:   # one scratch block for every chunk's scores: it stays in cache
             buf = xp.empty((r.stop - r.start,) + Q.shape[1:-1] + (S,), dtype=Q.dtype)
         qs = Q[r] * c
-        p = _scores(qs, K, r, mask, bias, is_causal, buf[:r.stop - r.start], B, T, S)
+        p, keep = _scores(qs, K, r, mask, bias, is_causal, buf[:r.stop - r.start], B, T, S)
         p -= row[0, r]                                 # P = exp(S - max) · (1/sum), as forward
         xp.exp(p, out=p)
         p *= row[1, r]
@@ -124,7 +126,6 @@ def _backward(G, Q, K, V, O, stats, drop, c, dQ, dK, dV, mask=None, is_causal=Fa
             ds *= drop[r]
         ds -= (g * O[r]).sum(axis=-1, keepdims=True)   # - D
         ds *= p                                        # dS / c is folded into dQ and c·Q
-        keep = _keep(mask, r, B, T, S, is_causal) if mask is not None else None
         if keep is not None:  # a masked score is a constant: no gradient (fully masked rows)
             xp.copyto(ds, ds.dtype.type(0), where=~keep)
         if dQ is not None:
@@ -152,7 +153,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None
         M4 = xp.broadcast_to(mask, lead + (T, S)).reshape((-1, 1, T, S))
     N = Q4.shape[0]
     O4 = xp.empty((N, 1, T, Va.shape[-1]), dtype=Qa.dtype)
-    stats, drop = _forward(Q4, K4, V4, O4, M4, dropout_p, is_causal, c)
+    saved = _forward(Q4, K4, V4, O4, M4, dropout_p, is_causal, c)
     out_shape = lead + (T, Va.shape[-1])
 
     def backward(g):
@@ -160,7 +161,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None
         dQ = xp.empty(Q4.shape, Qa.dtype) if q.requires_grad else None
         dK = xp.empty(K4.shape, Qa.dtype) if k.requires_grad else None
         dV = xp.empty(V4.shape, Qa.dtype) if v.requires_grad else None
-        _backward(G4, Q4, K4, V4, O4, stats, drop, c, dQ, dK, dV, M4, is_causal)
+        _backward(G4, Q4, K4, V4, O4, saved, c, dQ, dK, dV, M4, is_causal)
         return (None if dQ is None else unbroadcast(dQ.reshape(lead + Qa.shape[-2:]), Qa.shape),
                 None if dK is None else unbroadcast(dK.reshape(lead + Ka.shape[-2:]), Ka.shape),
                 None if dV is None else unbroadcast(dV.reshape(lead + Va.shape[-2:]), Va.shape))
@@ -179,13 +180,13 @@ def self_attention(qkv: Tensor, n_head: int, attn_mask=None, dropout_p: float = 
     Y = xp.empty((B, T, n_head, hs), dtype=X.dtype)
     O = Y.transpose(0, 2, 1, 3)                       # write heads straight into (B, T, C) order
     mask = mask_array(attn_mask)
-    stats, drop = _forward(Q, K, V, O, mask, dropout_p, is_causal, c)
+    saved = _forward(Q, K, V, O, mask, dropout_p, is_causal, c)
 
     def backward(g):
         G = g.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
         dX = xp.empty((B, T, 3, n_head, hs), dtype=X.dtype)
         dQ, dK, dV = (dX[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-        _backward(G, Q, K, V, O, stats, drop, c, dQ, dK, dV, mask, is_causal)
+        _backward(G, Q, K, V, O, saved, c, dQ, dK, dV, mask, is_causal)
         return (dX.reshape(B, T, C3),)
     return make_result(Y.reshape(B, T, C), (qkv,), backward, "self_attention")
 
