@@ -60,6 +60,18 @@ def step_flops(cfg: dict, mode: str, r: int = 8) -> float:
 
 
 def _build_tinylora(cfg, mode):
+    model, opt, x, y = tinylora_parts(cfg, mode)
+
+    def step():
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
+def tinylora_parts(cfg, mode):
+    """The model (LoRA injected for mode "lora"), its AdamW and one (x, y) batch."""
     import tinylora as tl
     from tinylora import lora
     getattr(tl.backend, "tune_malloc", lambda: None)()   # as the Trainer does (older tinylora: at import)
@@ -75,13 +87,7 @@ def _build_tinylora(cfg, mode):
     opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
     rng = np.random.default_rng(0)
     x, y = (rng.integers(0, VOCAB, (cfg["batch_size"], cfg["block_size"])) for _ in range(2))
-
-    def step():
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return step
+    return model, opt, x, y
 
 
 def _build_torch(cfg, mode):

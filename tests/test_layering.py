@@ -24,7 +24,8 @@ LAYERS = [
     ("train", "checkpoint", "viz"),                   # the training loop, checkpoint folders, plots
     ("models", "lora", "quant", "optim", "data"),     # what is trained and what it is trained on
     ("nn",),                                          # Module, Linear, attention, blocks
-    ("functional", "kernels", "gradcheck", "opcheck"),  # composite ops, fast kernels, checks
+    ("functional", "kernels", "gradcheck", "opcheck", "memory"),  # composite ops, fast kernels,
+                                                      # checks, what a graph keeps
     ("ops",),                                         # primitives: forward and backward
     ("dispatch",),                                    # reference op -> registered fast kernel
     ("tensor",),                                      # Tensor, the graph, backward

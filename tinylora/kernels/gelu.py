@@ -1,7 +1,9 @@
 """Fast GELU (both forms) for ``ops.gelu``: the reference's passes, block by block in place.
 
 Each block of the flattened array stays in cache through all of its passes, into buffers
-allocated once: about twice as fast as whole-array passes through memory. Under no_grad,
+allocated once: about twice as fast as whole-array passes through memory. For backward
+only the input is kept (alive anyway: the linear before made it); tanh(u) or Φ(x), as
+large as the input, is recomputed block by block with the forward's operations. Under no_grad,
 float32 on the CPU (BERT's inference, whose FFN activation is its largest tensor), the erf
 form takes a shorter route that keeps nothing for a backward:
   gelu(x) = x Φ(x) = relu(x) - ½|x| erfc(|x|/√2),
@@ -33,18 +35,22 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
 def _gelu_erf(x: Tensor) -> Tensor:
     X = xp.ascontiguousarray(x.data)
     Xf, dt = X.reshape(-1), X.dtype.type
-    cdf = xp.empty_like(Xf)
     y = xp.empty_like(Xf)
-    for b in blocks(Xf.size):
-        c = cdf[b]
+
+    def phi(b, buf):                                 # Φ(x) of block b, into buf
+        c = buf[:b.stop - b.start]
         c[...] = backend.erf(Xf[b] * dt(_INV_SQRT_2))
         c += 1
         c *= 0.5
-        xp.multiply(Xf[b], c, out=y[b])
+        return c
+    cdf = xp.empty(block_rows(Xf.size), dtype=Xf.dtype)
+    for b in blocks(Xf.size):
+        xp.multiply(Xf[b], phi(b, cdf), out=y[b])
 
-    def backward(g):
+    def backward(g):                                 # Φ(x) recomputed from x, not kept
         gf = xp.ascontiguousarray(g).reshape(-1)
         dx = xp.empty_like(Xf)
+        cdf = xp.empty(block_rows(Xf.size), dtype=Xf.dtype)
         for b in blocks(Xf.size):
             xs, d = Xf[b], dx[b]
             xp.multiply(xs, xs, out=d)
@@ -52,7 +58,7 @@ def _gelu_erf(x: Tensor) -> Tensor:
             xp.exp(d, out=d)
             d *= dt(_INV_SQRT_2PI)
             d *= xs
-            d += cdf[b]
+            d += phi(b, cdf)
             d *= gf[b]
         return (dx.reshape(X.shape),)
     return make_result(y.reshape(X.shape), (x,), backward, "gelu", (x,))
@@ -65,28 +71,36 @@ def _gelu_tanh(x: Tensor) -> Tensor:
     Xf = X.reshape(-1)
     c = X.dtype.type(_SQRT_2_OVER_PI)
     k = X.dtype.type(0.044715)
-    t = xp.empty_like(Xf)
     y = xp.empty_like(Xf)
-    for b in blocks(Xf.size):
-        xs, ts, ys = Xf[b], t[b], y[b]
-        xp.multiply(xs, xs, out=ts)                  # u = c·x·(1 + k x²), then t = tanh(u)
-        ts *= k
+
+    def tanh_u(b, buf, x2=None):                     # t = tanh(u) of block b, into buf
+        xs, ts = Xf[b], buf[:b.stop - b.start]
+        if x2 is None:
+            xp.multiply(xs, xs, out=ts)              # u = c·x·(1 + k x²), then t = tanh(u)
+            ts *= k
+        else:                                        # x² given: the same values, one pass less
+            xp.multiply(x2, k, out=ts)
         ts += 1
         ts *= xs
         ts *= c
         xp.tanh(ts, out=ts)
+        return ts
+    t = xp.empty(block_rows(Xf.size), dtype=Xf.dtype)
+    for b in blocks(Xf.size):
+        xs, ts, ys = Xf[b], tanh_u(b, t), y[b]
         xp.add(ts, 1, out=ys)                        # y = x (1 + t) / 2
         ys *= xs
         ys *= 0.5
 
-    def backward(g):
+    def backward(g):                                 # t recomputed from x, not kept
         gf = xp.ascontiguousarray(g).reshape(-1)
         dx = xp.empty_like(Xf)
-        tmp = xp.empty(block_rows(Xf.size), dtype=Xf.dtype)
+        t, tmp = (xp.empty(block_rows(Xf.size), dtype=Xf.dtype) for _ in range(2))
         for b in blocks(Xf.size):
-            xs, ts, d = Xf[b], t[b], dx[b]
+            xs, d = Xf[b], dx[b]
             s = tmp[:d.size]
             xp.multiply(xs, xs, out=s)               # s = c (1 + 3k x²) x
+            ts = tanh_u(b, t, s)
             s *= 3 * k
             s += 1
             s *= c

@@ -1,12 +1,15 @@
 """Fast layer_norm for ``functional.layer_norm``: its passes run block by block of rows, in
-cache, into arrays allocated once (see ``blocking``)."""
+cache, into arrays allocated once (see ``blocking``). For backward it keeps only each row's
+μ and 1/√(σ² + ε) beside the input (alive anyway: the residual stream); the backward
+recomputes x̂ block by block with the forward's operations, bit for bit, instead of keeping
+an x̂ as large as the input."""
 from __future__ import annotations
 
 from .. import dispatch
 from ..backend import xp
 from ..functional.layers import check_layer_norm
 from ..tensor import Tensor, make_result
-from .blocking import blocks
+from .blocking import block_rows, blocks
 
 
 # x̂ = (x - μ) / √(σ² + ε),  y = x̂ ⊙ w + b
@@ -19,12 +22,19 @@ def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None,
     rows, dt = X.shape[0], X.dtype.type
     w = None if weight is None else weight.data.reshape(N)
     b = None if bias is None else bias.data.reshape(N)
-    xhat = xp.empty_like(X)
     y = xp.empty_like(X)
-    rstd = xp.empty((rows, 1), dtype=X.dtype)
+    stats = xp.empty((2, rows, 1), dtype=X.dtype)    # per row: μ and 1/√(σ² + ε)
+    mean, rstd = stats
+
+    def normalize(r, xh):                            # x̂ of rows r into xh, from μ and rstd
+        xp.subtract(X[r], mean[r], out=xh)
+        xh *= rstd[r]
+        return xh
+    xhat = xp.empty((block_rows(rows, N), N), dtype=X.dtype)    # scratch, one block
     for r in blocks(rows, N):                        # the passes run block by block, in cache
-        xh, yr = xhat[r], y[r]
-        xp.subtract(X[r], X[r].mean(axis=1, keepdims=True), out=xh)
+        xh, yr = xhat[:r.stop - r.start], y[r]
+        X[r].mean(axis=1, keepdims=True, out=mean[r])
+        xp.subtract(X[r], mean[r], out=xh)
         xp.multiply(xh, xh, out=yr)                  # y as scratch for (x - μ)²
         rs = rstd[r]
         xp.sqrt(yr.mean(axis=1, keepdims=True) + dt(eps), out=rs)
@@ -37,14 +47,15 @@ def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None,
             if b is not None:
                 yr += b
 
-    def backward(g):
+    def backward(g):                                 # x̂ recomputed from x, μ and rstd: not kept
         G = xp.ascontiguousarray(g).reshape(-1, N)
         need_dx = x.requires_grad
         dx = xp.empty_like(X) if need_dx else None
         dw = xp.zeros(N, dtype=X.dtype) if w is not None and weight.requires_grad else None
         db = G.sum(axis=0) if b is not None and bias.requires_grad else None
+        xhat = xp.empty((block_rows(rows, N), N), dtype=X.dtype)
         for r in blocks(rows, N):
-            gr, xh = G[r], xhat[r]
+            gr, xh = G[r], normalize(r, xhat[:r.stop - r.start])
             if dw is not None:
                 dw += (gr * xh).sum(axis=0)
             if not need_dx:
@@ -66,7 +77,7 @@ def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None,
             grads.append(None if db is None else db.reshape(shape))
         return tuple(grads)
     parents = tuple(t for t in (x, weight, bias) if t is not None)
-    saved = () if weight is None else (weight,)
+    saved = (x,) if weight is None else (x, weight)  # the backward reads x again
     return make_result(y.reshape(x.shape), parents, backward, "layer_norm", saved)
 
 
