@@ -137,6 +137,9 @@ def _fused_cases(rng, dt):
     cat3 = lambda x, a, b, c, ba, bb, bc: F.linear_cat(x, [a, b, c], [ba, bb, bc])  # noqa: E731
     gelu = lambda x, w, b: F.linear_gelu(x, w, b)                                   # noqa: E731
     post = lambda h, w, b, r, g, be: F.linear_add_layer_norm(h, w, b, r, g, be, 1e-12)  # noqa: E731
+    pad = rng.random((3, 1, 1, 9)) > 0.3                 # BERT's padding mask (B, 1, 1, S)
+    pad[1] = False                                       # a fully masked row: uniform
+    long_pad = rng.random((2, 1, 1, 80)) > 0.2           # more keys than the column loop takes
     return {
         "linear_cat": [
             ("q, k, v", cat3, [(2, 5, 6), (4, 6), (3, 6), (4, 6), (4,), (3,), (4,)]),
@@ -144,6 +147,17 @@ def _fused_cases(rng, dt):
                                         (20,)], "no_grad"),
             ("no bias, no_grad", lambda x, a, b: F.linear_cat(x, [a, b], [None, None]),
              [(9, 7), (5, 7), (3, 7)], "no_grad")],
+        "linear_self_attention": [
+            ("pad mask", lambda x, a, b, c, ba, bb, bc: F.linear_self_attention(
+                x, [a, b, c], [ba, bb, bc], 2, attn_mask=pad), [(3, 9, 8)] + [(8, 8)] * 3 + [(8,)] * 3),
+            ("pad mask, no_grad", lambda x, a, b, c, ba, bb, bc: F.linear_self_attention(
+                x, [a, b, c], [ba, bb, bc], 4, attn_mask=pad), [(3, 9, 8)] + [(8, 8)] * 3 + [(8,)] * 3,
+             "no_grad"),
+            ("no mask, chunks, no_grad", lambda x, a, b, c: F.linear_self_attention(
+                x, [a, b, c], [None] * 3, 4), [(40, 70, 16)] + [(16, 16)] * 3, "no_grad"),
+            ("long rows, no_grad", lambda x, a, b, c: F.linear_self_attention(
+                x, [a, b, c], [None] * 3, 2, attn_mask=long_pad), [(2, 80, 8)] + [(8, 8)] * 3,
+             "no_grad")],
         "linear_gelu": [
             ("w, b", gelu, [(2, 5, 6), (7, 6), (7,)]),
             ("tanh", lambda x, w, b: F.linear_gelu(x, w, b, "tanh"), [(4, 6), (7, 6), (7,)]),
@@ -162,7 +176,8 @@ CASES = {"gelu": _gelu_cases, "cross_entropy": _cross_entropy_cases, "layer_norm
          "scaled_dot_product_attention": _sdpa_cases, "self_attention": _self_attention_cases,
          "lora_linear": _lora_linear_cases,
          **{name: (lambda name: lambda rng, dt: _fused_cases(rng, dt)[name])(name)
-            for name in ("linear_cat", "linear_gelu", "linear_add_layer_norm")}}
+            for name in ("linear_cat", "linear_self_attention", "linear_gelu",
+                         "linear_add_layer_norm")}}
 
 
 def _run(mode, fn, arrays, g_out, no_grad):

@@ -6,7 +6,9 @@ runs its sequence in fewer passes over memory:
   side by side in one buffer (no concatenation), a bias is pre-filled and accumulated into;
 - where a block-by-block pass follows (GELU, layer norm), the bias and the residual are
   added inside it, while the block is in cache, instead of in passes of their own;
-- layer norm's row means are matrix-vector products (BLAS) rather than NumPy reductions;
+- layer norm's row means and the softmax's row sums are matrix-vector products (BLAS), and
+  the softmax's row maxima a loop over the (few) key columns: NumPy's reductions along a
+  short last axis cost several times more (a max over 15 keys: 12x);
 - GELU (erf, float32) is kernels/gelu.py's inference formula, computed in place:
     gelu(x) = relu(x) - ½|x| erfc(|x|/√2),  erfc(z) ≈ t (a1 + .. + a5 t⁴) e^(-z²),
     t = 1/(1 + p z)   (Abramowitz & Stegun 7.1.26, |error| ≤ 1.5e-7)
@@ -22,8 +24,9 @@ from .. import backend, dispatch
 from ..backend import np, xp
 from ..blas import gemm
 from ..functional import fused  # noqa: F401  (declares the ops registered below)
+from ..functional.attention import check_self_attention, mask_array, masked_value
 from ..tensor import Tensor, is_grad_enabled
-from .blocking import block_rows, blocks
+from .blocking import CACHE_VALUES, block_rows, blocks
 
 
 def _fast(x: Tensor, *params) -> bool:
@@ -64,6 +67,48 @@ def linear_cat(x: Tensor, weights, biases) -> Tensor:
         _linear_into(X, w, b, Y[:, lo:lo + w.shape[0]])
         lo += w.shape[0]
     return Tensor._wrap(Y.reshape(x.shape[:-1] + (width,)))
+
+
+def linear_self_attention(x: Tensor, weights, biases, n_head: int, attn_mask=None,
+                          dropout_p: float = 0.0, is_causal: bool = False) -> Tensor:
+    mask = mask_array(attn_mask)
+    if (dropout_p or is_causal or not _fast(x) or len(weights) != 3 or x.ndim != 3
+            or (mask is not None and (mask.dtype != bool or mask.ndim != 4))):
+        return dispatch.reference_of("linear_self_attention")(x, weights, biases, n_head,
+                                                              attn_mask, dropout_p, is_causal)
+    qkv = linear_cat(x, weights, biases).data        # (B, T, 3C)
+    check_self_attention(qkv, n_head)
+    B, T, C3 = qkv.shape
+    hs = C3 // 3 // n_head
+    X5 = qkv.reshape(B, T, 3, n_head, hs)
+    Q, K, V = (X5[:, :, i].transpose(0, 2, 1, 3) for i in range(3))   # (B, nh, T, hs) views
+    Y = xp.empty((B, T, n_head, hs), dtype=qkv.dtype)
+    O = Y.transpose(0, 2, 1, 3)                      # heads written straight in (B, T, C) order
+    _attend(Q, K, V, O, mask, qkv.dtype.type(1.0 / math.sqrt(hs)))
+    return Tensor._wrap(Y.reshape(B, T, C3 // 3))
+
+
+# P = softmax(c·Q Kᵀ with masked scores set to one constant),  O = P V   (per batch chunk)
+def _attend(Q, K, V, O, mask, c) -> None:
+    B, T, S = Q.shape[0], Q.shape[-2], K.shape[-2]
+    drop = None if mask is None else ~mask           # (B or 1, 1 or nh, 1 or T, S)
+    low = Q.dtype.type(masked_value(Q.dtype))
+    ones = xp.ones(S, dtype=Q.dtype)
+    Qs = Q * c                                       # (B, nh, T, hs), scaled once
+    for r in blocks(B, Q.shape[1] * T * S, 4 * CACHE_VALUES):  # scores stay in cache
+        p = xp.matmul(Qs[r], xp.swapaxes(K[r], -1, -2))       # (b, nh, T, S)
+        if drop is not None:
+            xp.copyto(p, low, where=drop[r] if drop.shape[0] == B else drop)
+        if S <= 64:                                  # row max: a loop over few columns ...
+            m = p[..., 0].copy()
+            for j in range(1, S):
+                xp.maximum(m, p[..., j], out=m)
+            p -= m[..., None]
+        else:                                        # ... or NumPy's reduction over many
+            p -= p.max(axis=-1, keepdims=True)
+        xp.exp(p, out=p)
+        p *= (1 / (p @ ones))[..., None]             # row sums as one matrix-vector product
+        xp.matmul(p, V[r], out=O[r])
 
 
 _AS_P = 0.3275911
@@ -151,5 +196,6 @@ def linear_add_layer_norm(h: Tensor, weight: Tensor, bias: Tensor | None, residu
 
 
 dispatch.register("linear_cat", linear_cat)
+dispatch.register("linear_self_attention", linear_self_attention)
 dispatch.register("linear_gelu", linear_gelu)
 dispatch.register("linear_add_layer_norm", linear_add_layer_norm)

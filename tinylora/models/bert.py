@@ -160,12 +160,13 @@ class BertSelfAttention(nn.Module):
         # three Linears (HF's names, separate LoRA targets), packed side by side for the fused
         # op, which splits the heads as strided views and writes them back in (B, T, C) order
         lins = (self.query, self.key, self.value)
+        p = self.dropout_p if self.training else 0.0
         if _plain(*lins):
-            qkv = F.linear_cat(x, [m.weight for m in lins], [m.bias for m in lins])
-        else:
-            qkv = cat([m(x) for m in lins], dim=-1)                     # (B, T, 3C)
+            return F.linear_self_attention(x, [m.weight for m in lins], [m.bias for m in lins],
+                                           self.n_head, attn_mask=mask, dropout_p=p)
+        qkv = cat([m(x) for m in lins], dim=-1)                         # (B, T, 3C)
         return F.self_attention(qkv, self.n_head, attn_mask=mask, is_causal=False,
-                                dropout_p=self.dropout_p if self.training else 0.0)  # (B, T, C)
+                                dropout_p=p)                            # (B, T, C)
 
     def extra_repr(self):
         return f"n_head={self.n_head}"
