@@ -1,28 +1,32 @@
 """Sentence-encoding throughput: tinylora's SentenceEncoder vs sentence-transformers, on CPU.
 
-Both encode the same sentences (about 16 tokens each, all-MiniLM-L6-v2, batch 32) in ONE
-process, alternating round by round after a warm-up, with the same number of BLAS / torch
-threads; we report the median time of each. Prints JSON: sentences/s for each, the ratio
+Both encode the same sentences (about 16 tokens each, all-MiniLM-L6-v2, batch 32) with the
+same number of BLAS / torch threads; we report the median time of each. Each side runs in
+its own spawned worker process (compare_torch.py's ``Side``): in one process NumPy's
+OpenBLAS threads and PyTorch's OpenMP threads spin-wait between calls and steal each
+other's cores. One run alternates rounds between the workers (the order rotates) after a
+warm-up, with a pause before each round. Prints JSON: sentences/s for each, the ratio
 (tinylora / sentence-transformers) and how closely the embeddings agree.
 
     python benchmarks/bench_encode.py                        # tinylora only, without torch
     PYTHONPATH=. .ref/venv/bin/python benchmarks/bench_encode.py   # both, in the reference venv
+    ... bench_encode.py --baseline DIR   # also tinylora from another checkout: before / after
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing as mp
 import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
-import numpy as np
-from threadpoolctl import threadpool_limits
+from compare_torch import Side  # one worker process per side; see its docstring
 
-from tinylora import backend
-from tinylora.models.hub import find_minilm
-from tinylora.models.sentence import SentenceEncoder
+# tinylora is imported inside the functions: a --baseline worker must import its own copy
 
 _SUBJECTS = ["the old fisherman", "a young programmer", "my neighbour's cat", "the city council",
              "our new teacher", "the tired nurse", "a small startup", "the orchestra"]
@@ -43,57 +47,72 @@ def sentences(n: int) -> list:
     return out
 
 
+def _build(side: str, n: int, batch_size: int):
+    """One side's encode of ``n`` sentences (run in its worker): a step returning (n, H)."""
+    from tinylora.models.hub import find_minilm
+    texts, folder = sentences(n), find_minilm()
+    if side == "torch":
+        import sentence_transformers
+        import torch
+        model = sentence_transformers.SentenceTransformer(str(folder), device="cpu")
+
+        def step():
+            with torch.inference_mode():
+                return model.encode(texts, batch_size=batch_size, convert_to_numpy=True)
+        return step
+    from tinylora import backend
+    from tinylora.models.sentence import SentenceEncoder
+    getattr(backend, "tune_malloc", lambda: None)()   # as tinylora's Trainer and CLI do
+    encoder = SentenceEncoder.from_pretrained(folder)
+    return lambda: encoder.encode(texts, batch_size=batch_size)
+
+
 def main(argv=None) -> dict:
-    backend.tune_malloc()   # as tinylora's Trainer and command line do
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=128, help="sentences encoded per round")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=15, help="timed rounds per library")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--settle", type=float, default=0.5,
-                    help="seconds to idle before each timed round (lets the other library's "
+                    help="seconds to idle before each timed round (lets the other side's "
                          "spinning worker threads go to sleep)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="BLAS threads for NumPy and intra-op threads for torch")
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help="also time tinylora from this checkout (DIR holds its tinylora/)")
     args = ap.parse_args(argv)
 
-    folder = find_minilm()
-    texts = sentences(args.n)
-    tl_enc = SentenceEncoder.from_pretrained(folder)
-    n_tokens = [len(tl_enc.tokenizer.encode(t)) for t in texts]
+    from tinylora.models.hub import find_minilm
+    from tinylora.models.sentence import SentenceEncoder
+    import numpy as np
 
-    runners = {"tinylora": lambda: tl_enc.encode(texts, batch_size=args.batch_size)}
-    st_version = None
+    tokenizer = SentenceEncoder.from_pretrained(find_minilm()).tokenizer
+    n_tokens = [len(tokenizer.encode(t)) for t in sentences(args.n)]
     try:
-        import torch
         import sentence_transformers
+        import torch
     except ImportError:
-        torch = None
+        torch = sentence_transformers = None
+    ctx = mp.get_context("spawn")
+    build = functools.partial(_build, n=args.n, batch_size=args.batch_size)
+    sides = {"tinylora": Side(ctx, "tinylora", None, None, args.threads, build=build)}
     if torch is not None:
-        torch.set_num_threads(args.threads)
-        st_model = sentence_transformers.SentenceTransformer(str(folder), device="cpu")
-        st_version = sentence_transformers.__version__
-
-        def st_encode():
-            with torch.inference_mode():
-                return st_model.encode(texts, batch_size=args.batch_size, convert_to_numpy=True)
-        runners["sentence-transformers"] = st_encode
-
-    times = {name: [] for name in runners}
-    outputs = {}
-    with threadpool_limits(limits=args.threads, user_api="blas"):
-        for name, run in runners.items():
-            for _ in range(args.warmup):
-                outputs[name] = run()
-        for _ in range(args.rounds):
-            for name, run in runners.items():  # alternate, so drifts in machine load hit both
-                # Idle BLAS / OpenMP worker threads spin-wait for a while after each call
-                # (OpenBLAS ~0.1 s, Intel OpenMP 0.2 s); without a pause the library that ran
-                # last steals CPU from the one being timed.
+        sides["sentence-transformers"] = Side(ctx, "torch", None, None, args.threads, build=build)
+    if args.baseline:
+        sides["baseline"] = Side(ctx, "tinylora", None, None, args.threads,
+                                 str(Path(args.baseline).resolve()), build=build)
+    times = {name: [] for name in sides}
+    try:
+        for s in sides.values():
+            s.run(args.warmup)
+        order = list(sides)
+        for k in range(args.rounds):   # alternate, rotating: drifts in machine load hit all
+            for name in order[k % len(order):] + order[:k % len(order)]:
                 time.sleep(args.settle)
-                t0 = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - t0)
+                times[name] += sides[name].run(1)
+    finally:
+        peaks = {name: s.close() for name, s in sides.items()}
+    outputs = {name: s.last for name, s in sides.items()}
 
     per_s = {name: args.n / statistics.median(ts) for name, ts in times.items()}
     result = {
@@ -102,11 +121,18 @@ def main(argv=None) -> dict:
         "ratio_tinylora_over_st": (round(per_s["tinylora"] / per_s["sentence-transformers"], 3)
                                    if "sentence-transformers" in per_s else None),
         "n_sentences": args.n, "batch_size": args.batch_size, "rounds": args.rounds,
-        "settle_s": args.settle,
+        "settle_s": args.settle, "processes": "one spawned worker per side",
         "mean_tokens": round(float(np.mean(n_tokens)), 1), "threads": args.threads,
+        "peak_rss_mb": {k: round(v, 1) for k, v in peaks.items()},
         "numpy": np.__version__, "torch": None if torch is None else torch.__version__,
-        "sentence_transformers": st_version, "python": platform.python_version(),
+        "sentence_transformers": None if torch is None else sentence_transformers.__version__,
+        "python": platform.python_version(),
     }
+    if "baseline" in per_s:
+        result["baseline"] = str(Path(args.baseline).resolve())
+        result["ratio_vs_baseline"] = round(per_s["tinylora"] / per_s["baseline"], 3)
+        result["max_abs_diff_vs_baseline"] = float(np.abs(outputs["tinylora"]
+                                                          - outputs["baseline"]).max())
     if "sentence-transformers" in outputs:
         a, b = outputs["tinylora"], np.asarray(outputs["sentence-transformers"])
         result["min_cosine"] = float((a * b).sum(axis=1).min())

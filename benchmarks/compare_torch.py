@@ -104,8 +104,12 @@ def _build_torch(cfg, mode):
     return lambda: inner(x, y)
 
 
-def _worker(conn, side: str, name: str, mode: str, threads: int, path: str | None = None) -> None:
-    """Build one side's step, then time ``n`` steps whenever the parent asks."""
+def _worker(conn, side: str, name: str, mode: str, threads: int, path: str | None = None,
+            build=None) -> None:
+    """Build one side's step, then time ``n`` steps whenever the parent asks.
+
+    ``build(side) -> step`` (picklable) replaces the GPT step: another benchmark's workload
+    (bench_encode.py). The last value a step returned comes back with the peak RSS."""
     import resource
     if path is not None:  # the baseline side: its tinylora comes first on the path
         sys.path.insert(0, path)
@@ -114,14 +118,15 @@ def _worker(conn, side: str, name: str, mode: str, threads: int, path: str | Non
         if side == "torch":
             import torch
             torch.set_num_threads(threads)
-            step = _build_torch(CONFIGS[name], mode)
+            step = build(side) if build else _build_torch(CONFIGS[name], mode)
             limits = None
         else:
-            step = _build_tinylora(CONFIGS[name], mode)
+            step = build(side) if build else _build_tinylora(CONFIGS[name], mode)
             limits = threadpool_limits(threads, user_api="blas")
         info = [{k: d.get(k) for k in ("user_api", "internal_api", "version", "num_threads")}
                 for d in threadpool_info()]
         conn.send(("ready", info))
+        last = None
         while True:
             n = conn.recv()
             if n is None:
@@ -129,21 +134,21 @@ def _worker(conn, side: str, name: str, mode: str, threads: int, path: str | Non
             times = []
             for _ in range(n):
                 t = time.perf_counter()
-                step()
+                last = step()
                 times.append(time.perf_counter() - t)
             conn.send(times)
         if limits is not None:
             limits.restore_original_limits()
-        conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        conn.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, last))
     except Exception as exc:  # report, don't hang the parent
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
 class Side:
-    def __init__(self, ctx, side, name, mode, threads, path=None):
+    def __init__(self, ctx, side, name, mode, threads, path=None, build=None):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, side, name, mode, threads, path),
-                                daemon=True)
+        self.proc = ctx.Process(target=_worker, daemon=True,
+                                args=(child, side, name, mode, threads, path, build))
         self.proc.start()
         msg = self.conn.recv()
         if msg[0] == "error":
@@ -158,8 +163,9 @@ class Side:
         return out
 
     def close(self):
+        """Stop the worker; its peak RSS (MB). ``self.last``: what its last step returned."""
         self.conn.send(None)
-        peak = self.conn.recv()
+        peak, self.last = self.conn.recv()
         self.proc.join(timeout=30)
         return peak
 

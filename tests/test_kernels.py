@@ -131,9 +131,53 @@ def _cross_entropy_cases(rng, dt):
             ("blocks", lambda z: F.cross_entropy(z, big), [(70, 5003)])]
 
 
+def _fused_cases(rng, dt):
+    # the kernels' own route runs under no_grad (with grad they are the reference); odd row
+    # counts cross layer norm's and GELU's blocks (65536 values: 170 rows of 384, 42 of 1536)
+    cat3 = lambda x, a, b, c, ba, bb, bc: F.linear_cat(x, [a, b, c], [ba, bb, bc])  # noqa: E731
+    gelu = lambda x, w, b: F.linear_gelu(x, w, b)                                   # noqa: E731
+    post = lambda h, w, b, r, g, be: F.linear_add_layer_norm(h, w, b, r, g, be, 1e-12)  # noqa: E731
+    pad = rng.random((3, 1, 1, 9)) > 0.3                 # BERT's padding mask (B, 1, 1, S)
+    pad[1] = False                                       # a fully masked row: uniform
+    long_pad = rng.random((2, 1, 1, 80)) > 0.2           # more keys than the column loop takes
+    return {
+        "linear_cat": [
+            ("q, k, v", cat3, [(2, 5, 6), (4, 6), (3, 6), (4, 6), (4,), (3,), (4,)]),
+            ("q, k, v, no_grad", cat3, [(3, 67, 12), (20, 12), (20, 12), (20, 12), (20,), (20,),
+                                        (20,)], "no_grad"),
+            ("no bias, no_grad", lambda x, a, b: F.linear_cat(x, [a, b], [None, None]),
+             [(9, 7), (5, 7), (3, 7)], "no_grad")],
+        "linear_self_attention": [
+            ("pad mask", lambda x, a, b, c, ba, bb, bc: F.linear_self_attention(
+                x, [a, b, c], [ba, bb, bc], 2, attn_mask=pad), [(3, 9, 8)] + [(8, 8)] * 3 + [(8,)] * 3),
+            ("pad mask, no_grad", lambda x, a, b, c, ba, bb, bc: F.linear_self_attention(
+                x, [a, b, c], [ba, bb, bc], 4, attn_mask=pad), [(3, 9, 8)] + [(8, 8)] * 3 + [(8,)] * 3,
+             "no_grad"),
+            ("no mask, chunks, no_grad", lambda x, a, b, c: F.linear_self_attention(
+                x, [a, b, c], [None] * 3, 4), [(40, 70, 16)] + [(16, 16)] * 3, "no_grad"),
+            ("long rows, no_grad", lambda x, a, b, c: F.linear_self_attention(
+                x, [a, b, c], [None] * 3, 2, attn_mask=long_pad), [(2, 80, 8)] + [(8, 8)] * 3,
+             "no_grad")],
+        "linear_gelu": [
+            ("w, b", gelu, [(2, 5, 6), (7, 6), (7,)]),
+            ("tanh", lambda x, w, b: F.linear_gelu(x, w, b, "tanh"), [(4, 6), (7, 6), (7,)]),
+            ("no_grad, blocks", gelu, [(2, 50, 8), (1536, 8), (1536,)], "no_grad"),
+            ("no bias, no_grad", lambda x, w: F.linear_gelu(x, w), [(33, 8), (101, 8)], "no_grad")],
+        "linear_add_layer_norm": [
+            ("post-norm", post, [(2, 5, 8), (6, 8), (6,), (2, 5, 6), (6,), (6,)]),
+            ("no_grad, blocks", post, [(3, 117, 24), (384, 24), (384,), (3, 117, 384), (384,),
+                                       (384,)], "no_grad"),
+            ("no affine, no_grad", lambda h, w, r: F.linear_add_layer_norm(h, w, None, r),
+             [(11, 5), (9, 5), (11, 9)], "no_grad")],
+    }
+
+
 CASES = {"gelu": _gelu_cases, "cross_entropy": _cross_entropy_cases, "layer_norm": _layer_norm_cases,
          "scaled_dot_product_attention": _sdpa_cases, "self_attention": _self_attention_cases,
-         "lora_linear": _lora_linear_cases}
+         "lora_linear": _lora_linear_cases,
+         **{name: (lambda name: lambda rng, dt: _fused_cases(rng, dt)[name])(name)
+            for name in ("linear_cat", "linear_self_attention", "linear_gelu",
+                         "linear_add_layer_norm")}}
 
 
 def _run(mode, fn, arrays, g_out, no_grad):

@@ -171,3 +171,28 @@ def test_full_finetune_and_probe_report(encoder, tmp_path):
     assert table.count("\n") == 3 and "full" in table
     with pytest.raises(ValueError, match="unknown method"):
         compare_finetuning(hub.find_minilm(), data, settings, methods=("prompt",))
+
+
+def test_batches_encoded_concurrently_match_one_at_a_time(encoder, reference):
+    # with n BLAS threads encode runs up to n batches at once, each with one BLAS thread
+    from tinylora import blas
+    ids = [c["ids_fast"] for c in CASES]
+    with threadpool_limits(1, user_api="blas"):
+        assert encoder._workers() == 1
+        one = encoder.encode_ids(ids, batch_size=8)
+    with threadpool_limits(2, user_api="blas"):
+        assert encoder._workers() == 2
+        two = encoder.encode_ids(ids, batch_size=8)
+        assert blas.get_num_threads() == 2                 # restored after the batches
+    assert np.abs(two - one).max() <= 1e-6
+    cos, diff = _close(two, reference)
+    assert cos >= 0.99999 and diff.max() <= 1e-5
+
+
+def test_a_failing_batch_raises_from_the_concurrent_path(encoder, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("batch failed")
+    monkeypatch.setattr(encoder.model, "forward", broken)
+    with threadpool_limits(2, user_api="blas"), pytest.raises(RuntimeError, match="batch failed"):
+        encoder.encode(SENTENCES[:20], batch_size=4)
+    assert encoder.model.training is False

@@ -11,7 +11,8 @@ import pytest
 from tinylora.backend import np
 from tinylora.models import hub
 from tinylora.data.wordpiece import (
-    WordPieceTokenizer, basic_tokenize, is_punctuation, wordpiece_split)
+    WordPieceTokenizer, basic_tokenize, clean_text, is_punctuation, pad_cjk, remove_accents,
+    split_punctuation, wordpiece_split)
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "minilm"
 CASES = json.loads((FIXTURES / "tokenizer_cases.json").read_text(encoding="utf-8"))
@@ -174,6 +175,19 @@ def test_punctuation_splitting(tmp_path):
     assert tok.tokenize("$5,«x»") == ["$", "5", ",", "«", "x", "»"]
     assert is_punctuation("$") and is_punctuation("`") and is_punctuation("\u2014")
     assert not is_punctuation("a") and not is_punctuation("€")  # € is a symbol (Sc)
+
+
+def test_ascii_short_routes_match_the_per_character_rules():
+    # ASCII text skips the per-character Unicode checks; a leading non-ASCII character sends
+    # the same text down the general path, which must agree character for character
+    rng = np.random.default_rng(0)
+    texts = ["".join(map(chr, rng.integers(0, 128, rng.integers(0, 16)))) for _ in range(3000)]
+    texts += [chr(c) for c in range(128)] + ["don't!", "a\tb\x0bc\x7fd\r\ne", "[x]{y}~`z"]
+    for t in texts:
+        assert clean_text("é" + t) == "é" + clean_text(t), repr(t)
+        assert pad_cjk("é" + t) == "é" + pad_cjk(t)
+        assert remove_accents("é" + t) == "e" + remove_accents(t) == "e" + t
+        assert split_punctuation("¿" + t) == ["¿"] + split_punctuation(t), repr(t)
 
 
 def test_control_and_odd_whitespace(tmp_path):

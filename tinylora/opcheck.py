@@ -286,6 +286,15 @@ def all_cases() -> list[OpCase]:
           OpCase("self_attention", ((1, 130, 6),), lambda x: F.self_attention(x, 1)),  # causal tiles
           OpCase(sdpa, ((1, 1, 130, 2), (1, 1, 140, 2), (1, 1, 140, 2)),
                  lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))]
+    c += [OpCase("linear_cat", ((2, 3, 5), (4, 5), (2, 5), (4,), (2,)),   # functional/fused.py
+                 lambda x, a, b, ba, bb: F.linear_cat(x, [a, b], [ba, bb])),
+          # no key bias: it adds one constant to a query's scores, so its gradient is zero
+          OpCase("linear_self_attention", ((2, 4, 6),) + ((6, 6),) * 3 + ((6,),) * 2,
+                 lambda x, a, b, v, ba, bv: F.linear_self_attention(
+                     x, [a, b, v], [ba, None, bv], 2, attn_mask=_mask((2, 1, 1, 4), 5))),
+          OpCase("linear_gelu", ((2, 3, 5), (4, 5), (4,)), lambda x, w, b: F.linear_gelu(x, w, b)),
+          OpCase("linear_add_layer_norm", ((2, 3, 5), (4, 5), (4,), (2, 3, 4), (4,), (4,)),
+                 lambda h, w, b, r, g, be: F.linear_add_layer_norm(h, w, b, r, g, be))]
     c += _llama_cases()
     return c
 

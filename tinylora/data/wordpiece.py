@@ -83,8 +83,17 @@ def is_punctuation(ch: str) -> bool:
 
 # ----------------------------------------------------------------------------- basic stage
 
+# ASCII text takes the short routes below (same output): its control characters are 0-31 and
+# 127, its whitespace \t \n \r and " ", its punctuation the four ranges of is_punctuation; it
+# has no CJK and no accents.
+_ASCII_CLEAN = {**{c: None for c in (*range(32), 127)}, **{ord(c): " " for c in "\t\n\r"}}
+_ASCII_PIECES = re.compile(r"[!-/:-@\[-`{-~]|[^!-/:-@\[-`{-~]+")  # one punctuation, or a run
+
+
 def clean_text(text: str) -> str:
     """Drop NUL, U+FFFD and control characters; every whitespace character becomes a space."""
+    if text.isascii():
+        return text.translate(_ASCII_CLEAN)
     out = []
     for ch in text:
         if ch == "\x00" or ch == "\ufffd" or is_control(ch):
@@ -94,17 +103,23 @@ def clean_text(text: str) -> str:
 
 
 def pad_cjk(text: str) -> str:
+    if text.isascii():
+        return text
     return "".join(f" {ch} " if is_cjk(ch) else ch for ch in text)
 
 
 def remove_accents(word: str) -> str:
     # NFD splits "é" into "e" + U+0301 (a nonspacing mark, category Mn), which we drop.
+    if word.isascii():
+        return word
     return "".join(ch for ch in unicodedata.normalize("NFD", word)
                    if unicodedata.category(ch) != "Mn")
 
 
 def split_punctuation(word: str) -> list[str]:
     """Each punctuation character becomes its own piece: don't! -> don ' t !"""
+    if word.isascii():
+        return _ASCII_PIECES.findall(word)
     pieces, current = [], []
     for ch in word:
         if is_punctuation(ch):

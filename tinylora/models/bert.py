@@ -118,6 +118,13 @@ def _embedding(n: int, dim: int) -> nn.Embedding:
     return emb
 
 
+def _plain(*modules) -> bool:
+    """Plain Linears (no LoRA wrapper): their products may run as one fused op, whose kernel
+    (kernels/encode.py) takes a shorter route under no_grad; with grad on it is the same
+    composition of ops as calling the modules."""
+    return all(type(m) is nn.Linear for m in modules)
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -152,9 +159,14 @@ class BertSelfAttention(nn.Module):
     def forward(self, x: Tensor, mask) -> Tensor:
         # three Linears (HF's names, separate LoRA targets), packed side by side for the fused
         # op, which splits the heads as strided views and writes them back in (B, T, C) order
-        qkv = cat([self.query(x), self.key(x), self.value(x)], dim=-1)  # (B, T, 3C)
+        lins = (self.query, self.key, self.value)
+        p = self.dropout_p if self.training else 0.0
+        if _plain(*lins):
+            return F.linear_self_attention(x, [m.weight for m in lins], [m.bias for m in lins],
+                                           self.n_head, attn_mask=mask, dropout_p=p)
+        qkv = cat([m(x) for m in lins], dim=-1)                         # (B, T, 3C)
         return F.self_attention(qkv, self.n_head, attn_mask=mask, is_causal=False,
-                                dropout_p=self.dropout_p if self.training else 0.0)  # (B, T, C)
+                                dropout_p=p)                            # (B, T, C)
 
     def extra_repr(self):
         return f"n_head={self.n_head}"
@@ -171,6 +183,10 @@ class BertOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, h: Tensor, x: Tensor) -> Tensor:
+        if _plain(self.dense) and type(self.LayerNorm) is nn.LayerNorm and not self.training:
+            ln = self.LayerNorm                                      # dropout is off: one op
+            return F.linear_add_layer_norm(h, self.dense.weight, self.dense.bias, x,
+                                           ln.weight, ln.bias, ln.eps)
         return self.LayerNorm(self.dropout(self.dense(h)) + x)      # post-norm residual
 
 
@@ -191,10 +207,12 @@ class BertIntermediate(nn.Module):
         self.act = _ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.dense(x)                                            # (B, T, 4H)
         if self.act == "relu":
-            return F.relu(h)
-        return F.gelu(h, approximate="none" if self.act == "erf" else "tanh")
+            return F.relu(self.dense(x))                             # (B, T, 4H)
+        approximate = "none" if self.act == "erf" else "tanh"
+        if _plain(self.dense):
+            return F.linear_gelu(x, self.dense.weight, self.dense.bias, approximate)
+        return F.gelu(self.dense(x), approximate=approximate)
 
     def extra_repr(self):
         return f"act={self.act}"

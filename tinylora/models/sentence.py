@@ -10,9 +10,11 @@ Pooling with mode "mean", then Normalize), reproduced on tinylora's engine:
 """
 from __future__ import annotations
 
+import contextvars
 import pathlib
+from concurrent.futures import ThreadPoolExecutor
 
-from .. import backend
+from .. import backend, blas
 from ..backend import np, xp
 from ..data.wordpiece import WordPieceTokenizer
 from ..io import load_json
@@ -104,29 +106,60 @@ class SentenceEncoder:
             raise ValueError("encode_ids: every sentence needs at least one token ([CLS] [SEP])")
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together
+        batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
         pad = self.tokenizer.pad_token_id
+
+        def encode_batch(rows):
+            width = len(ids[rows[-1]])                               # the batch's longest
+            input_ids = np.full((len(rows), width), pad, dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for b, i in enumerate(rows):
+                input_ids[b, :len(ids[i])] = ids[i]
+                mask[b, :len(ids[i])] = 1
+            mask_dev = xp.asarray(mask)
+            # a batch without padding needs no attention mask at all
+            h = self.model(xp.asarray(input_ids), None if mask.all() else mask_dev)  # (B, T, H)
+            e = mean_pool(h, mask_dev).data                           # (B, H)
+            if normalize:
+                e = e / xp.maximum(xp.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+            out[rows] = backend.to_numpy(e)
+
+        workers = min(len(batches), self._workers())
         was_training = self.model.training
         self.model.eval()
         try:
             with no_grad():
-                for start in range(0, len(order), batch_size):
-                    rows = order[start:start + batch_size]
-                    width = len(ids[rows[-1]])                       # the batch's longest
-                    input_ids = np.full((len(rows), width), pad, dtype=np.int64)
-                    mask = np.zeros((len(rows), width), dtype=np.int64)
-                    for b, i in enumerate(rows):
-                        input_ids[b, :len(ids[i])] = ids[i]
-                        mask[b, :len(ids[i])] = 1
-                    mask_dev = xp.asarray(mask)
-                    # a batch without padding needs no attention mask at all
-                    h = self.model(xp.asarray(input_ids),
-                                   None if mask.all() else mask_dev)  # (B, T, H)
-                    e = mean_pool(h, mask_dev).data                   # (B, H)
-                    if normalize:
-                        e = e / xp.maximum(xp.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-                    out[rows] = backend.to_numpy(e)
+                if workers <= 1:
+                    for rows in batches:
+                        encode_batch(rows)
+                else:
+                    self._encode_concurrently(encode_batch, batches, workers)
         finally:
             self.model.train(was_training)
         return out
+
+    @staticmethod
+    def _workers() -> int:
+        """Batches encoded at once: on the CPU one per BLAS thread (1 on a device)."""
+        if backend.on_device():
+            return 1
+        return max(1, blas.get_num_threads() or 1)
+
+    @staticmethod
+    def _encode_concurrently(encode_batch, batches, workers: int) -> None:
+        """Several batches at once, one per thread, each with one BLAS thread.
+
+        NumPy and BLAS release the GIL, so with n threads every pass of the forward (GELU's,
+        layer norm's, the softmax's, not only the GEMMs) runs n-wide, where one batch at a
+        time would run the elementwise passes on one core and split only the GEMMs. The
+        threads share the no_grad and eval state set above; each runs in a copy of the
+        caller's context (context variables: adapter routing, default dtype). The longest
+        batches go first, so the threads finish together.
+        """
+        with blas.limit_threads(1), ThreadPoolExecutor(workers) as pool:
+            jobs = [pool.submit(contextvars.copy_context().run, encode_batch, rows)
+                    for rows in batches[::-1]]                        # the longest first
+            for job in jobs:
+                job.result()                                          # re-raises a failure
 
     __call__ = encode
