@@ -21,10 +21,10 @@ def spy_parts(monkeypatch):
     seen = [0]
     real = blocking.parallel
 
-    def spy(run, slices):
+    def spy(run, slices, **kw):
         slices = list(slices)
         seen[0] = max(seen[0], min(blocking.threads(), len(slices) // 2))
-        return real(run, slices)
+        return real(run, slices, **kw)
     for mod in _kernel_modules():
         if hasattr(mod, "parallel"):
             monkeypatch.setattr(mod, "parallel", spy)
@@ -40,10 +40,16 @@ def _big_cases(name):
     """Shapes of many blocks (65536 values each), so that every thread gets several."""
     from tinylora import functional as F
     t = np.random.default_rng(1).integers(0, 5003, 300)
+    mask = np.random.default_rng(2).random((8, 1, 64, 64)) > 0.2
     return {"gelu": [("erf, big", lambda x: F.gelu(x), [(9, 65536 + 7)]),
                      ("tanh, big", lambda x: F.gelu(x, approximate="tanh"), [(9, 65536 + 7)])],
             "layer_norm": [("big", lambda x, w, b: F.layer_norm(x, 1001, w, b), [(700, 1001), (1001,), (1001,)])],
             "cross_entropy": [("big", lambda z: F.cross_entropy(z, t), [(300, 5003)])],
+            "self_attention": [("big, dropout", lambda x: F.self_attention(x, 4, dropout_p=0.1),
+                                [(80, 64, 96)])],
+            "scaled_dot_product_attention": [
+                ("big, bool mask", lambda q, k, v: F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=True), [(8, 64, 64, 8)] * 3)],
             }.get(name, [])
 
 
@@ -86,8 +92,10 @@ def _once(name, fn, arrays, seed, no_grad, n):
         blk.threads = old
 
 
-def test_some_kernel_really_splits_its_passes(spy_parts, stream_dropout):
-    test_kernel_gives_the_same_bits_on_several_threads("cross_entropy", spy_parts, stream_dropout)
+@pytest.mark.parametrize("name", ["gelu", "layer_norm", "cross_entropy", "self_attention",
+                                  "scaled_dot_product_attention", "adamw"])
+def test_the_kernel_really_splits_its_passes(name, spy_parts, stream_dropout):
+    test_kernel_gives_the_same_bits_on_several_threads(name, spy_parts, stream_dropout)
     assert spy_parts[0] >= 2
 
 

@@ -49,11 +49,11 @@ def _openblas():
 def _load():
     path = _openblas()
     if path is None:
-        return None, {}, None
+        return None, {}, None, None
     try:
         lib = ctypes.CDLL(path)
     except OSError:
-        return None, {}, None
+        return None, {}, None, None
     funcs = {}
     # NumPy >= 2 bundles scipy-openblas with 64-bit integers and a "scipy_" prefix; older
     # wheels export plain names. Try the 64-bit-integer names first.
@@ -71,17 +71,19 @@ def _load():
                           ctypes.c_void_p, int_t]
             funcs[np.dtype(dt)] = f
         break
-    threads = None
-    for name in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
-                 "openblas_get_num_threads"):
-        if hasattr(lib, name):
-            threads = getattr(lib, name)
-            threads.restype = ctypes.c_int
+    get = set_ = None   # OpenBLAS's own thread-count calls: a C call, no library scan
+    for prefix, suffix, int_t in (("scipy_", "64_", ctypes.c_int64), ("", "64_", ctypes.c_int64),
+                                  ("", "", ctypes.c_int)):
+        names = (f"{prefix}openblas_{verb}_num_threads{suffix}" for verb in ("get", "set"))
+        g, s = next(names), next(names)
+        if hasattr(lib, g) and hasattr(lib, s):
+            get, set_ = getattr(lib, g), getattr(lib, s)
+            get.restype, set_.restype, set_.argtypes = ctypes.c_int, None, [int_t]
             break
-    return lib, funcs, threads
+    return lib, funcs, get, set_
 
 
-_lib, _GEMM, _THREADS = _load()
+_lib, _GEMM, _THREADS, _SET_THREADS = _load()
 
 
 def _layout(m):
@@ -193,6 +195,22 @@ def num_threads_now() -> int:
     """OpenBLAS's thread count, asked directly (a fraction of a microsecond, unlike
     threadpoolctl's scan); the blocked kernels use as many threads. 1 without OpenBLAS."""
     return max(1, _THREADS()) if _THREADS is not None else 1
+
+
+class one_thread:
+    """A context in which OpenBLAS runs on the calling thread only, for code that runs small
+    GEMMs on several Python threads at once (``kernels.blocking.parallel``); the count is
+    put back on exit. Costs a C call each way (threadpoolctl's limits scan the libraries)."""
+
+    def __enter__(self):
+        self.n = num_threads_now()
+        if _SET_THREADS is not None and self.n > 1:
+            _SET_THREADS(1)
+        return self
+
+    def __exit__(self, *exc):
+        if _SET_THREADS is not None and self.n > 1:
+            _SET_THREADS(self.n)
 
 
 def get_num_threads() -> int | None:

@@ -23,7 +23,7 @@ from ..functional.attention import (causal_bias, check_attention, check_self_att
                                     mask_array, masked_value)
 from ..ops import unbroadcast
 from ..tensor import Tensor, make_result
-from .blocking import CACHE_VALUES, blocks
+from .blocking import CACHE_VALUES, blocks, parallel
 
 SCORE_BUDGET = 4 * CACHE_VALUES  # score entries per chunk (1 MiB of float32): stays in L2
 
@@ -80,24 +80,28 @@ def _forward(Q, K, V, O, mask, dropout_p, is_causal, c):
     # (p·scale)·keep is exactly p·(keep·scale), the reference's value
     drop = xp.empty(Q.shape[:-1] + (S,), dtype=bool) if dropout_p > 0 else None
     scale = Q.dtype.type(1.0 / (1.0 - dropout_p)) if dropout_p > 0 else None
-    buf = None
-    for r in _chunks(B, math.prod(Q.shape[1:-1]) * S):
-        if buf is None:   # one scratch block for every chunk's scores: it stays in cache
-            buf = xp.empty((r.stop - r.start,) + Q.shape[1:-1] + (S,), dtype=Q.dtype)
-        qs = Q[r] * c                                  # c·Q per chunk: cheaper than S, not kept
-        p, _ = _scores(qs, K, r, mask, bias, is_causal, buf[:r.stop - r.start], B, T, S)
-        mx = stats[0, r]
-        p.max(axis=-1, keepdims=True, out=mx)
-        p -= mx
-        xp.exp(p, out=p)
-        inv = stats[1, r]
-        inv[...] = 1 / p.sum(axis=-1, keepdims=True)
-        p *= inv
-        if drop is not None:
-            keep = drop[r] = backend.dropout_keep(p.shape, dropout_p)
-            xp.matmul(p * scale * keep, V[r], out=O[r])
-        else:
-            xp.matmul(p, V[r], out=O[r])
+    chunks = list(_chunks(B, math.prod(Q.shape[1:-1]) * S))
+    if drop is not None:   # drawn first, in chunk order: the same stream values as one by one
+        for r in chunks:
+            drop[r] = backend.dropout_keep(drop[r].shape, dropout_p)
+
+    def run(part):         # one scratch block per thread for its chunks' scores: in cache
+        buf = xp.empty((part[0].stop - part[0].start,) + Q.shape[1:-1] + (S,), dtype=Q.dtype)
+        for r in part:
+            qs = Q[r] * c                              # c·Q per chunk: cheaper than S, not kept
+            p, _ = _scores(qs, K, r, mask, bias, is_causal, buf[:r.stop - r.start], B, T, S)
+            mx = stats[0, r]
+            p.max(axis=-1, keepdims=True, out=mx)
+            p -= mx
+            xp.exp(p, out=p)
+            inv = stats[1, r]
+            inv[...] = 1 / p.sum(axis=-1, keepdims=True)
+            p *= inv
+            if drop is not None:
+                xp.matmul(p * scale * drop[r], V[r], out=O[r])
+            else:
+                xp.matmul(p, V[r], out=O[r])
+    parallel(run, chunks, gemms=True)
     return stats, bias, drop, scale
 
 
@@ -105,34 +109,35 @@ def _backward(G, Q, K, V, O, saved, c, dQ, dK, dV, mask=None, is_causal=False):
     """Write dQ, dK, dV (any of them may be None) for output gradient G (B, nh, T, dv)."""
     B, T, S = Q.shape[0], Q.shape[-2], K.shape[-2]
     row, bias, drop, scale = saved
-    buf = None
-    for r in _chunks(B, math.prod(Q.shape[1:-1]) * S):
-        if buf is None:   # one scratch block for every chunk's scores: it stays in cache
-            buf = xp.empty((r.stop - r.start,) + Q.shape[1:-1] + (S,), dtype=Q.dtype)
-        qs = Q[r] * c
-        p, keep = _scores(qs, K, r, mask, bias, is_causal, buf[:r.stop - r.start], B, T, S)
-        p -= row[0, r]                                 # P = exp(S - max) · (1/sum), as forward
-        xp.exp(p, out=p)
-        p *= row[1, r]
-        g = G[r]
-        pd = p if drop is None else p * scale * drop[r]
-        if dV is not None:
-            xp.matmul(_mT(pd), g, out=dV[r])
-        if dQ is None and dK is None:
-            continue
-        ds = g @ _mT(V[r])                             # dPd
-        if drop is not None:
-            ds *= scale
-            ds *= drop[r]
-        ds -= (g * O[r]).sum(axis=-1, keepdims=True)   # - D
-        ds *= p                                        # dS / c is folded into dQ and c·Q
-        if keep is not None:  # a masked score is a constant: no gradient (fully masked rows)
-            xp.copyto(ds, ds.dtype.type(0), where=~keep)
-        if dQ is not None:
-            xp.matmul(ds, K[r], out=dQ[r])
-            dQ[r] *= c
-        if dK is not None:
-            xp.matmul(_mT(ds), qs, out=dK[r])
+
+    def run(part):         # one scratch block per thread for its chunks' scores: in cache
+        buf = xp.empty((part[0].stop - part[0].start,) + Q.shape[1:-1] + (S,), dtype=Q.dtype)
+        for r in part:
+            qs = Q[r] * c
+            p, keep = _scores(qs, K, r, mask, bias, is_causal, buf[:r.stop - r.start], B, T, S)
+            p -= row[0, r]                             # P = exp(S - max) · (1/sum), as forward
+            xp.exp(p, out=p)
+            p *= row[1, r]
+            g = G[r]
+            pd = p if drop is None else p * scale * drop[r]
+            if dV is not None:
+                xp.matmul(_mT(pd), g, out=dV[r])
+            if dQ is None and dK is None:
+                continue
+            ds = g @ _mT(V[r])                         # dPd
+            if drop is not None:
+                ds *= scale
+                ds *= drop[r]
+            ds -= (g * O[r]).sum(axis=-1, keepdims=True)   # - D
+            ds *= p                                    # dS / c is folded into dQ and c·Q
+            if keep is not None:   # a masked score is a constant: no gradient (masked rows)
+                xp.copyto(ds, ds.dtype.type(0), where=~keep)
+            if dQ is not None:
+                xp.matmul(ds, K[r], out=dQ[r])
+                dQ[r] *= c
+            if dK is not None:
+                xp.matmul(_mT(ds), qs, out=dK[r])
+    parallel(run, list(_chunks(B, math.prod(Q.shape[1:-1]) * S)), gemms=True)
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None,

@@ -8,6 +8,8 @@ everything at once, unless it must bound its temporary memory (``device_budget``
 """
 from __future__ import annotations
 
+import contextlib
+
 from .. import backend, blas
 
 CACHE_VALUES = 1 << 16   # values per block: 256 KiB of float32, which stays in L2
@@ -48,10 +50,12 @@ def threads() -> int:
     return blas.num_threads_now()
 
 
-def parallel(run, slices) -> None:
+def parallel(run, slices, gemms: bool = False) -> None:
     """``run(part)`` for contiguous runs of ``slices``, one run per thread, all finished on return.
 
-    ``run`` makes its own scratch buffers (one set per thread) and loops over its part.
+    ``run`` makes its own scratch buffers (one set per thread) and loops over its part. With
+    ``gemms`` the parts multiply matrices too: OpenBLAS then runs each product on its caller's
+    thread meanwhile, so the threads are the cores' only users.
     """
     global _pool
     slices = list(slices)
@@ -64,9 +68,10 @@ def parallel(run, slices) -> None:
         _pool = ThreadPoolExecutor(max_workers=k - 1, thread_name_prefix="tinylora-blocks")
     cuts = [len(slices) * i // k for i in range(k + 1)]
     parts = [slices[cuts[i]:cuts[i + 1]] for i in range(k)]
-    futures = [_pool.submit(run, p) for p in parts[1:]]
-    try:
-        run(parts[0])                        # this thread takes the first part
-    finally:
-        for f in futures:                    # all done (and any error raised) before return
-            f.result()
+    with blas.one_thread() if gemms else contextlib.nullcontext():
+        futures = [_pool.submit(run, p) for p in parts[1:]]
+        try:
+            run(parts[0])                    # this thread takes the first part
+        finally:
+            for f in futures:                # all done (and any error raised) before return
+                f.result()

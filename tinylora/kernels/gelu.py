@@ -18,7 +18,7 @@ from .. import backend, dispatch
 from ..backend import np, xp
 from ..ops.arith import _INV_SQRT_2, _INV_SQRT_2PI, _SQRT_2_OVER_PI
 from ..tensor import Tensor, is_grad_enabled, make_result
-from .blocking import block_rows, blocks
+from .blocking import block_rows, blocks, parallel
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -43,23 +43,30 @@ def _gelu_erf(x: Tensor) -> Tensor:
         c += 1
         c *= 0.5
         return c
-    cdf = xp.empty(block_rows(Xf.size), dtype=Xf.dtype)
-    for b in blocks(Xf.size):
-        xp.multiply(Xf[b], phi(b, cdf), out=y[b])
+    step = block_rows(Xf.size)
+
+    def forward(part):                               # each thread: its blocks, its own buffer
+        cdf = xp.empty(step, dtype=Xf.dtype)
+        for b in part:
+            xp.multiply(Xf[b], phi(b, cdf), out=y[b])
+    parallel(forward, blocks(Xf.size))
 
     def backward(g):                                 # Φ(x) recomputed from x, not kept
         gf = xp.ascontiguousarray(g).reshape(-1)
         dx = xp.empty_like(Xf)
-        cdf = xp.empty(block_rows(Xf.size), dtype=Xf.dtype)
-        for b in blocks(Xf.size):
-            xs, d = Xf[b], dx[b]
-            xp.multiply(xs, xs, out=d)
-            d *= -0.5
-            xp.exp(d, out=d)
-            d *= dt(_INV_SQRT_2PI)
-            d *= xs
-            d += phi(b, cdf)
-            d *= gf[b]
+
+        def run(part):
+            cdf = xp.empty(step, dtype=Xf.dtype)
+            for b in part:
+                xs, d = Xf[b], dx[b]
+                xp.multiply(xs, xs, out=d)
+                d *= -0.5
+                xp.exp(d, out=d)
+                d *= dt(_INV_SQRT_2PI)
+                d *= xs
+                d += phi(b, cdf)
+                d *= gf[b]
+        parallel(run, blocks(Xf.size))
         return (dx.reshape(X.shape),)
     return make_result(y.reshape(X.shape), (x,), backward, "gelu", (x,))
 
@@ -85,33 +92,40 @@ def _gelu_tanh(x: Tensor) -> Tensor:
         ts *= c
         xp.tanh(ts, out=ts)
         return ts
-    t = xp.empty(block_rows(Xf.size), dtype=Xf.dtype)
-    for b in blocks(Xf.size):
-        xs, ts, ys = Xf[b], tanh_u(b, t), y[b]
-        xp.add(ts, 1, out=ys)                        # y = x (1 + t) / 2
-        ys *= xs
-        ys *= 0.5
+    step = block_rows(Xf.size)
+
+    def forward(part):                               # each thread: its blocks, its own buffer
+        t = xp.empty(step, dtype=Xf.dtype)
+        for b in part:
+            xs, ts, ys = Xf[b], tanh_u(b, t), y[b]
+            xp.add(ts, 1, out=ys)                    # y = x (1 + t) / 2
+            ys *= xs
+            ys *= 0.5
+    parallel(forward, blocks(Xf.size))
 
     def backward(g):                                 # t recomputed from x, not kept
         gf = xp.ascontiguousarray(g).reshape(-1)
         dx = xp.empty_like(Xf)
-        t, tmp = (xp.empty(block_rows(Xf.size), dtype=Xf.dtype) for _ in range(2))
-        for b in blocks(Xf.size):
-            xs, d = Xf[b], dx[b]
-            s = tmp[:d.size]
-            xp.multiply(xs, xs, out=s)               # s = c (1 + 3k x²) x
-            ts = tanh_u(b, t, s)
-            s *= 3 * k
-            s += 1
-            s *= c
-            s *= xs
-            xp.multiply(ts, ts, out=d)               # d = (1 - t²) s + 1 + t
-            xp.subtract(1, d, out=d)
-            d *= s
-            d += ts
-            d += 1
-            d *= 0.5
-            d *= gf[b]
+
+        def run(part):
+            t, tmp = (xp.empty(step, dtype=Xf.dtype) for _ in range(2))
+            for b in part:
+                xs, d = Xf[b], dx[b]
+                s = tmp[:d.size]
+                xp.multiply(xs, xs, out=s)           # s = c (1 + 3k x²) x
+                ts = tanh_u(b, t, s)
+                s *= 3 * k
+                s += 1
+                s *= c
+                s *= xs
+                xp.multiply(ts, ts, out=d)           # d = (1 - t²) s + 1 + t
+                xp.subtract(1, d, out=d)
+                d *= s
+                d += ts
+                d += 1
+                d *= 0.5
+                d *= gf[b]
+        parallel(run, blocks(Xf.size))
         return (dx.reshape(X.shape),)
     return make_result(y.reshape(X.shape), (x,), backward, "gelu_tanh", (x,))
 
@@ -127,26 +141,29 @@ def _gelu_erf_inference(h):
     f32 = np.float32
     p, half = f32(_AS_P / math.sqrt(2.0)), [f32(0.5 * a) for a in _AS_A]  # z = |x|/√2 folded in
     step = block_rows(flat.size)
-    a_buf, t_buf = (xp.empty(step, dtype=flat.dtype) for _ in range(2))
-    for b in blocks(flat.size):
-        x, acc = flat[b], y[b]
-        k = x.size
-        a, t = a_buf[:k], t_buf[:k]
-        xp.abs(x, out=a)                                             # |x|
-        xp.multiply(a, p, out=t)
-        t += 1
-        xp.reciprocal(t, out=t)                                      # t = 1/(1 + p|x|/√2)
-        xp.multiply(t, half[4], out=acc)                             # Horner: ½ Σ a_i t^i
-        for c in half[3::-1]:
-            acc += c
+
+    def run(part):                                   # each thread: its blocks, its own buffers
+        a_buf, t_buf = (xp.empty(step, dtype=flat.dtype) for _ in range(2))
+        for b in part:
+            x, acc = flat[b], y[b]
+            k = x.size
+            a, t = a_buf[:k], t_buf[:k]
+            xp.abs(x, out=a)                                             # |x|
+            xp.multiply(a, p, out=t)
+            t += 1
+            xp.reciprocal(t, out=t)                                      # t = 1/(1 + p|x|/√2)
+            xp.multiply(t, half[4], out=acc)                             # Horner: ½ Σ a_i t^i
+            for c in half[3::-1]:
+                acc += c
+                acc *= t
+            xp.multiply(a, a, out=t)
+            t *= f32(-0.5)
+            xp.exp(t, out=t)                                             # e^(-x²/2)
             acc *= t
-        xp.multiply(a, a, out=t)
-        t *= f32(-0.5)
-        xp.exp(t, out=t)                                             # e^(-x²/2)
-        acc *= t
-        acc *= a                                                     # ½|x| erfc(|x|/√2)
-        xp.maximum(x, 0, out=a)
-        xp.subtract(a, acc, out=acc)                                 # relu(x) - ½|x| erfc
+            acc *= a                                                     # ½|x| erfc(|x|/√2)
+            xp.maximum(x, 0, out=a)
+            xp.subtract(a, acc, out=acc)                                 # relu(x) - ½|x| erfc
+    parallel(run, blocks(flat.size))
     return y.reshape(h.shape)
 
 

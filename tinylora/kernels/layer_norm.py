@@ -9,7 +9,7 @@ from .. import dispatch
 from ..backend import xp
 from ..functional.layers import check_layer_norm
 from ..tensor import Tensor, make_result
-from .blocking import block_rows, blocks
+from .blocking import block_rows, blocks, parallel
 
 
 # x̂ = (x - μ) / √(σ² + ε),  y = x̂ ⊙ w + b
@@ -30,46 +30,60 @@ def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None,
         xp.subtract(X[r], mean[r], out=xh)
         xh *= rstd[r]
         return xh
-    xhat = xp.empty((block_rows(rows, N), N), dtype=X.dtype)    # scratch, one block
-    for r in blocks(rows, N):                        # the passes run block by block, in cache
-        xh, yr = xhat[:r.stop - r.start], y[r]
-        X[r].mean(axis=1, keepdims=True, out=mean[r])
-        xp.subtract(X[r], mean[r], out=xh)
-        xp.multiply(xh, xh, out=yr)                  # y as scratch for (x - μ)²
-        rs = rstd[r]
-        xp.sqrt(yr.mean(axis=1, keepdims=True) + dt(eps), out=rs)
-        xp.divide(1, rs, out=rs)
-        xh *= rs
-        if w is None:
-            yr[...] = xh
-        else:
-            xp.multiply(xh, w, out=yr)
-            if b is not None:
-                yr += b
+    step = block_rows(rows, N)
+
+    def forward(part):                               # the passes run block by block, in cache
+        xhat = xp.empty((step, N), dtype=X.dtype)    # scratch, one block (one per thread)
+        for r in part:
+            xh, yr = xhat[:r.stop - r.start], y[r]
+            X[r].mean(axis=1, keepdims=True, out=mean[r])
+            xp.subtract(X[r], mean[r], out=xh)
+            xp.multiply(xh, xh, out=yr)              # y as scratch for (x - μ)²
+            rs = rstd[r]
+            xp.sqrt(yr.mean(axis=1, keepdims=True) + dt(eps), out=rs)
+            xp.divide(1, rs, out=rs)
+            xh *= rs
+            if w is None:
+                yr[...] = xh
+            else:
+                xp.multiply(xh, w, out=yr)
+                if b is not None:
+                    yr += b
+    parallel(forward, blocks(rows, N))
 
     def backward(g):                                 # x̂ recomputed from x, μ and rstd: not kept
         G = xp.ascontiguousarray(g).reshape(-1, N)
         need_dx = x.requires_grad
         dx = xp.empty_like(X) if need_dx else None
-        dw = xp.zeros(N, dtype=X.dtype) if w is not None and weight.requires_grad else None
+        need_dw = w is not None and weight.requires_grad
         db = G.sum(axis=0) if b is not None and bias.requires_grad else None
-        xhat = xp.empty((block_rows(rows, N), N), dtype=X.dtype)
-        for r in blocks(rows, N):
-            gr, xh = G[r], normalize(r, xhat[:r.stop - r.start])
-            if dw is not None:
-                dw += (gr * xh).sum(axis=0)
-            if not need_dx:
-                continue
-            d = dx[r]
-            if w is None:
-                d[...] = gr
-            else:
-                xp.multiply(gr, w, out=d)            # dx̂
-            m1 = d.mean(axis=1, keepdims=True)
-            m2 = (d * xh).mean(axis=1, keepdims=True)
-            d -= m1
-            d -= xh * m2
-            d *= rstd[r]
+        rs = list(blocks(rows, N))
+        dw_parts = xp.empty((len(rs), N), dtype=X.dtype) if need_dw else None
+
+        def run(part):
+            xhat = xp.empty((step, N), dtype=X.dtype)
+            for r in part:
+                gr, xh = G[r], normalize(r, xhat[:r.stop - r.start])
+                if need_dw:                          # this block's share of dw
+                    (gr * xh).sum(axis=0, out=dw_parts[r.start // step])
+                if not need_dx:
+                    continue
+                d = dx[r]
+                if w is None:
+                    d[...] = gr
+                else:
+                    xp.multiply(gr, w, out=d)        # dx̂
+                m1 = d.mean(axis=1, keepdims=True)
+                m2 = (d * xh).mean(axis=1, keepdims=True)
+                d -= m1
+                d -= xh * m2
+                d *= rstd[r]
+        parallel(run, rs)
+        dw = None
+        if need_dw:                                  # the shares added in block order
+            dw = xp.zeros(N, dtype=X.dtype)
+            for share in dw_parts:
+                dw += share
         grads = [None if dx is None else dx.reshape(x.shape)]
         if w is not None:
             grads.append(None if dw is None else dw.reshape(shape))
