@@ -134,8 +134,9 @@ def _worker(conn, side: str, name: str, mode: str, threads: int, path: str | Non
             times = []
             for _ in range(n):
                 t = time.perf_counter()
-                last = step()
+                out = step()
                 times.append(time.perf_counter() - t)
+                last = out if build else None   # a GPT step's loss stays in its process
             conn.send(times)
         if limits is not None:
             limits.restore_original_limits()
@@ -165,7 +166,10 @@ class Side:
     def close(self):
         """Stop the worker; its peak RSS (MB). ``self.last``: what its last step returned."""
         self.conn.send(None)
-        peak, self.last = self.conn.recv()
+        out = self.conn.recv()
+        if out[0] == "error":
+            raise RuntimeError(f"worker failed: {out[1]}")
+        peak, self.last = out
         self.proc.join(timeout=30)
         return peak
 
