@@ -98,8 +98,14 @@ def _build_torch(cfg, mode):
     return lambda: inner(x, y)
 
 
-def _worker(conn, side: str, name: str, mode: str, threads: int, path: str | None = None) -> None:
-    """Build one side's step, then time ``n`` steps whenever the parent asks."""
+def _build(side: str, name: str, mode: str):
+    cfg = CONFIGS[name]
+    return _build_torch(cfg, mode) if side == "torch" else _build_tinylora(cfg, mode)
+
+
+def _worker(conn, side: str, threads: int, build, args: tuple, path: str | None = None) -> None:
+    """Build one side's step with ``build(side, *args)``, then time ``n`` steps whenever the
+    parent asks ("last" asks for the last step's return value instead)."""
     import resource
     if path is not None:  # the baseline side: its tinylora comes first on the path
         sys.path.insert(0, path)
@@ -108,22 +114,23 @@ def _worker(conn, side: str, name: str, mode: str, threads: int, path: str | Non
         if side == "torch":
             import torch
             torch.set_num_threads(threads)
-            step = _build_torch(CONFIGS[name], mode)
-            limits = None
-        else:
-            step = _build_tinylora(CONFIGS[name], mode)
-            limits = threadpool_limits(threads, user_api="blas")
+        step = build(side, *args)
+        limits = None if side == "torch" else threadpool_limits(threads, user_api="blas")
         info = [{k: d.get(k) for k in ("user_api", "internal_api", "version", "num_threads")}
                 for d in threadpool_info()]
         conn.send(("ready", info))
+        last = None
         while True:
             n = conn.recv()
             if n is None:
                 break
+            if n == "last":
+                conn.send(last)
+                continue
             times = []
             for _ in range(n):
                 t = time.perf_counter()
-                step()
+                last = step()
                 times.append(time.perf_counter() - t)
             conn.send(times)
         if limits is not None:
@@ -134,9 +141,13 @@ def _worker(conn, side: str, name: str, mode: str, threads: int, path: str | Non
 
 
 class Side:
-    def __init__(self, ctx, side, name, mode, threads, path=None):
+    """One side in its own spawned process: ``build(side, *args)`` (a module-level function,
+    run there) returns the step to time. ``side`` is "torch" or "tinylora"; ``path`` puts
+    another checkout's tinylora first (the baseline)."""
+
+    def __init__(self, ctx, side, threads, build=_build, args=(), path=None):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, side, name, mode, threads, path),
+        self.proc = ctx.Process(target=_worker, args=(child, side, threads, build, args, path),
                                 daemon=True)
         self.proc.start()
         msg = self.conn.recv()
@@ -150,6 +161,11 @@ class Side:
         if isinstance(out, tuple):
             raise RuntimeError(f"worker failed: {out[1]}")
         return out
+
+    def last(self):
+        """What the last timed step returned (sent back by pickle)."""
+        self.conn.send("last")
+        return self.conn.recv()
 
     def close(self):
         self.conn.send(None)
@@ -174,20 +190,29 @@ def gemm_peak(threads: int) -> float:
     return 2 * 2048 ** 3 / min(ts) / 1e9
 
 
+def alternate(sides, warmup, rounds, per_round, pause) -> dict:
+    """{id(side): step times}: each side warms up, then rounds of ``per_round`` steps run
+    side after side, the order rotating each round (no side always goes first), with a
+    pause before each (the other side's spinning threads go to sleep)."""
+    times = {id(s): [] for s in sides}
+    for s in sides:
+        s.run(warmup)
+        time.sleep(pause)
+    for k in range(rounds):
+        for s in sides[k % len(sides):] + sides[:k % len(sides)]:
+            time.sleep(pause)
+            times[id(s)] += s.run(per_round)
+    return times
+
+
 def compare(ctx, name, mode, threads, warmup, rounds, per_round, pause, baseline=None):
     cfg = CONFIGS[name]
-    ours, theirs = Side(ctx, "tinylora", name, mode, threads), Side(ctx, "torch", name, mode, threads)
-    base = None if baseline is None else Side(ctx, "tinylora", name, mode, threads, baseline)
+    args = (name, mode)
+    ours, theirs = Side(ctx, "tinylora", threads, args=args), Side(ctx, "torch", threads, args=args)
+    base = None if baseline is None else Side(ctx, "tinylora", threads, args=args, path=baseline)
     sides = [ours, theirs] + ([] if base is None else [base])
     try:
-        times = {id(s): [] for s in sides}
-        for s in sides:
-            s.run(warmup)
-            time.sleep(pause)
-        for k in range(rounds):   # the order rotates each round: no side always goes first
-            for s in sides[k % len(sides):] + sides[:k % len(sides)]:
-                time.sleep(pause)
-                times[id(s)] += s.run(per_round)
+        times = alternate(sides, warmup, rounds, per_round, pause)
     finally:
         peaks = [s.close() for s in sides]
     a, b = times[id(ours)], times[id(theirs)]
