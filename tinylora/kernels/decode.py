@@ -1,0 +1,76 @@
+"""Fast decoding: ``linear`` for a few rows and ``cached_self_attention`` for one new token.
+
+A generation step feeds one new position per row through the model, so each linear
+multiplies a handful of rows by a whole weight, and attention compares one query per head
+with the KV cache. Two things make the general code slow there (measured, float32, OpenBLAS):
+- ``x @ Wᵀ`` with a short, wide x (2 to 64 rows) takes OpenBLAS's slow path: the same
+  product written ``(W @ xᵀ)ᵀ`` runs about twice as fast, and the step is mostly these
+  GEMMs. Only without a graph (``tl.no_grad()``) on the CPU: training and the backward keep
+  the reference's GEMM.
+- attention's general kernel reshapes q, k, v to one batch axis, which copies the strided
+  views of the cache every step; one query needs no causal mask and no blocking, so the
+  decode kernel reads the cache in place and writes the heads straight into (B, 1, C) order.
+Longer inputs (a prompt's prefill) take the reference, and through it the general kernels.
+"""
+from __future__ import annotations
+
+import math
+
+from .. import backend, dispatch
+from ..backend import xp
+from ..functional.attention import check_self_attention, mask_array, masked_value
+from ..tensor import Tensor, is_grad_enabled
+
+DECODE_ROWS = 64   # linear: at most this many rows take the transposed product
+
+_linear = dispatch.reference_of("linear")
+_cached_self_attention = dispatch.reference_of("cached_self_attention")
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    W = weight.data
+    fits = x.ndim and W.shape[1] and x.shape[-1] == W.shape[1]
+    rows = x.data.size // W.shape[1] if fits else 0
+    if not 0 < rows <= DECODE_ROWS or is_grad_enabled() or backend.on_device():
+        return _linear(x, weight, bias)
+    yT = W @ x.data.reshape(rows, W.shape[1]).T            # (out, rows): W read once, fast
+    y = xp.empty((rows, W.shape[0]), dtype=yT.dtype)
+    if bias is None:
+        y[...] = yT.T
+    else:
+        xp.add(yT.T, bias.data, out=y)                     # y = x Wᵀ + b, rows in order again
+    return Tensor._wrap(y.reshape(x.shape[:-1] + (W.shape[0],)))
+
+
+# one query per row and head, after S - 1 cached keys: it sees them all (no causal mask)
+#   s = (c·q) Kᵀ + M,  p = softmax(s),  y = p V
+def cached_self_attention(qkv: Tensor, k_cache, v_cache, past: int, n_head: int,
+                          attn_mask=None) -> Tensor:
+    X = qkv.data
+    check_self_attention(X, n_head)
+    B, T, C3 = X.shape
+    if T != 1 or backend.on_device():
+        return _cached_self_attention(qkv, k_cache, v_cache, past, n_head, attn_mask)
+    C, hs = C3 // 3, C3 // 3 // n_head
+    X4 = X.reshape(B, 3, n_head, hs)
+    S = past + 1
+    k_cache[:, :, past] = X4[:, 1]
+    v_cache[:, :, past] = X4[:, 2]
+    K, V = k_cache[:, :, :S], v_cache[:, :, :S]             # (B, nh, S, hs): views, no copy
+    q = X4[:, 0, :, None, :] * X.dtype.type(1.0 / math.sqrt(hs))   # (B, nh, 1, hs)
+    s = q @ xp.swapaxes(K, -1, -2)                          # (B, nh, 1, S)
+    mask = mask_array(attn_mask)
+    if mask is not None and mask.dtype == bool:             # masked scores: one constant
+        s = xp.where(mask, s, s.dtype.type(masked_value(s.dtype)))
+    elif mask is not None:
+        s += mask.astype(s.dtype, copy=False)
+    s -= s.max(axis=-1, keepdims=True)
+    xp.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    y = xp.empty((B, 1, n_head, hs), dtype=s.dtype)
+    xp.matmul(s, V, out=y.transpose(0, 2, 1, 3))           # heads side by side: (B, 1, C)
+    return Tensor._wrap(y.reshape(B, 1, C))
+
+
+dispatch.register("linear", linear)
+dispatch.register("cached_self_attention", cached_self_attention)
