@@ -10,7 +10,11 @@ with the KV cache. Two things make the general code slow there (measured, float3
 - attention's general kernel reshapes q, k, v to one batch axis, which copies the strided
   views of the cache every step; one query needs no causal mask and no blocking, so the
   decode kernel reads the cache in place and writes the heads straight into (B, 1, C) order.
-Longer inputs (a prompt's prefill) take the reference, and through it the general kernels.
+- layer norm's blocked kernel pays for its blocks and preallocated outputs on every call,
+  several times the arithmetic of a few rows: here the same passes run on whole (small)
+  arrays, the same values bit for bit.
+Longer inputs (a prompt's prefill), or any call that records a graph, take the reference or
+the general kernels.
 """
 from __future__ import annotations
 
@@ -19,9 +23,12 @@ import math
 from .. import backend, dispatch
 from ..backend import xp
 from ..functional.attention import check_self_attention, mask_array, masked_value
+from ..functional.layers import check_layer_norm
 from ..tensor import Tensor, is_grad_enabled
+from .layer_norm import layer_norm as blocked_layer_norm   # registered first; wrapped below
 
-DECODE_ROWS = 64   # linear: at most this many rows take the transposed product
+DECODE_ROWS = 64         # linear: at most this many rows take the transposed product
+SMALL_VALUES = 1 << 14   # layer_norm: inputs up to this size skip the blocked kernel
 
 _linear = dispatch.reference_of("linear")
 _cached_self_attention = dispatch.reference_of("cached_self_attention")
@@ -72,5 +79,25 @@ def cached_self_attention(qkv: Tensor, k_cache, v_cache, past: int, n_head: int,
     return Tensor._wrap(y.reshape(B, 1, C))
 
 
+# x̂ = (x - μ) / √(σ² + ε),  y = x̂ ⊙ w + b: the blocked kernel's passes, on the whole array
+def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    if x.data.size > SMALL_VALUES or is_grad_enabled() or backend.on_device():
+        return blocked_layer_norm(x, normalized_shape, weight, bias, eps)
+    _, N = check_layer_norm(x, normalized_shape, weight, bias)
+    X = x.data.reshape(-1, N)
+    # sum / N is mean's value exactly (its float64 division rounds to the same float32)
+    xh = X - X.sum(axis=1, keepdims=True) / N
+    var = (xh * xh).sum(axis=1, keepdims=True) / N
+    rstd = xp.divide(1, xp.sqrt(var + X.dtype.type(eps)))
+    xh *= rstd
+    if weight is not None:
+        xh *= weight.data.reshape(N)
+        if bias is not None:
+            xh += bias.data.reshape(N)
+    return Tensor._wrap(xh.reshape(x.shape))
+
+
 dispatch.register("linear", linear)
+dispatch.register("layer_norm", layer_norm)
 dispatch.register("cached_self_attention", cached_self_attention)
