@@ -53,17 +53,20 @@ def test_cached_attention_kernel_writes_and_reads_the_cache_as_the_reference(dty
                                       .transpose(0, 2, 1, 3))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 8, 64, 65])
+@pytest.mark.parametrize("rows", [1, 2, 8, 9, 64, 65])
 @pytest.mark.parametrize("bias", [True, False])
-def test_decode_linear_equals_the_reference_and_keeps_it_under_a_graph(rows, bias):
+@pytest.mark.parametrize("threads", [1, 2])                # 2 to 8 rows on one thread: sliced
+def test_decode_linear_equals_the_reference_and_keeps_it_under_a_graph(rows, bias, threads,
+                                                                      monkeypatch):
+    monkeypatch.setattr(decode, "openblas_threads", lambda: threads)
     rng = np.random.default_rng(rows)
     x = tl.tensor(_arr(rng, (rows, 1, 40), "float32"), requires_grad=True)
-    w = tl.tensor(_arr(rng, (24, 40), "float32"), requires_grad=True)
-    b = tl.tensor(_arr(rng, (24,), "float32"), requires_grad=True) if bias else None
+    w = tl.tensor(_arr(rng, (300, 40), "float32"), requires_grad=True)   # several slices
+    b = tl.tensor(_arr(rng, (300,), "float32"), requires_grad=True) if bias else None
     ref = dispatch.reference_of("linear")
     with tl.no_grad():
         got, want = decode.linear(x, w, b), ref(x, w, b)
-    assert got.shape == (rows, 1, 24) and got.data.flags.c_contiguous
+    assert got.shape == (rows, 1, 300) and got.data.flags.c_contiguous
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-5)
     y = decode.linear(x, w, b)                            # a graph: the reference, gradients and all
     assert y.requires_grad and np.array_equal(y.numpy(), ref(x, w, b).numpy())
@@ -134,3 +137,13 @@ def test_bench_generate_rejects_a_run_longer_than_the_context(tmp_path):
                   "--tinylora-only", tmp_path=tmp_path)
     assert proc.returncode == 2
     assert "must be >= 1 each and fit in nanogpt-cpu's block_size=64" in proc.stderr
+
+
+def test_openblas_reports_the_thread_count_threadpoolctl_sets():
+    from threadpoolctl import threadpool_limits
+
+    from tinylora import blas
+    if blas.openblas_threads() is None:
+        pytest.skip("NumPy's BLAS is not OpenBLAS")
+    with threadpool_limits(1, user_api="blas"):
+        assert blas.openblas_threads() == 1

@@ -131,6 +131,18 @@ def get_num_threads() -> int | None:
     return info[0]["num_threads"] if info else None
 
 
+# NumPy's OpenBLAS answers its own thread count in a C call, cheap enough to ask before each
+# small GEMM (threadpoolctl's inventory is not)
+_THREADS = next((getattr(_lib, n) for n in ("scipy_openblas_get_num_threads64_",
+                                            "openblas_get_num_threads64_", "openblas_get_num_threads")
+                 if _lib is not None and hasattr(_lib, n)), None)
+
+
+def openblas_threads() -> int | None:
+    """How many threads NumPy's OpenBLAS uses now (None without OpenBLAS)."""
+    return None if _THREADS is None else int(_THREADS())
+
+
 def blas_info() -> list:
     """[{internal_api, version, num_threads, filepath}] of the BLAS libraries loaded (now)."""
     try:

@@ -5,8 +5,9 @@ multiplies a handful of rows by a whole weight, and attention compares one query
 with the KV cache. Two things make the general code slow there (measured, float32, OpenBLAS):
 - ``x @ Wᵀ`` with a short, wide x (2 to 64 rows) takes OpenBLAS's slow path: the same
   product written ``(W @ xᵀ)ᵀ`` runs about twice as fast, and the step is mostly these
-  GEMMs. Only without a graph (``tl.no_grad()``) on the CPU: training and the backward keep
-  the reference's GEMM.
+  GEMMs. With 2 to 8 rows on one BLAS thread, slicing W's rows into OpenBLAS's small-matrix
+  sizes is faster still (no packing copy of W). Only without a graph (``tl.no_grad()``) on
+  the CPU: training and the backward keep the reference's GEMM.
 - attention's general kernel reshapes q, k, v to one batch axis, which copies the strided
   views of the cache every step; one query needs no causal mask and no blocking, so the
   decode kernel reads the cache in place and writes the heads straight into (B, 1, C) order.
@@ -22,16 +23,31 @@ import math
 
 from .. import backend, dispatch
 from ..backend import xp
+from ..blas import openblas_threads
 from ..functional.attention import check_self_attention, mask_array, masked_value
 from ..functional.layers import check_layer_norm
 from ..tensor import Tensor, is_grad_enabled
 from .layer_norm import layer_norm as blocked_layer_norm   # registered first; wrapped below
 
 DECODE_ROWS = 64         # linear: at most this many rows take the transposed product
+SPLIT_ROWS = 8           # and at most this many, on one BLAS thread, the sliced one
+SMALL_GEMM = 10 ** 6     # OpenBLAS's small-matrix kernels take M·N·K up to this
 SMALL_VALUES = 1 << 14   # layer_norm: inputs up to this size skip the blocked kernel
 
 _linear = dispatch.reference_of("linear")
 _cached_self_attention = dispatch.reference_of("cached_self_attention")
+
+
+def _split_gemm(W, X):
+    """W @ Xᵀ (out, rows) for 2 to 8 rows, in slices of W's rows small enough for OpenBLAS's
+    small-matrix kernels (M·N·K <= 10⁶ on AVX-512), which skip the packing copy of W that
+    its general GEMM makes: W streams through once. They run on one thread."""
+    rows, K = X.shape
+    step = max(1, min(512 // rows, SMALL_GEMM // (rows * K)))
+    yT = xp.empty((W.shape[0], rows), dtype=W.dtype)
+    for lo in range(0, W.shape[0], step):
+        xp.matmul(W[lo:lo + step], X.T, out=yT[lo:lo + step])
+    return yT
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -40,7 +56,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     rows = x.data.size // W.shape[1] if fits else 0
     if not 0 < rows <= DECODE_ROWS or is_grad_enabled() or backend.on_device():
         return _linear(x, weight, bias)
-    yT = W @ x.data.reshape(rows, W.shape[1]).T            # (out, rows): W read once, fast
+    X = x.data.reshape(rows, W.shape[1])
+    if 2 <= rows <= SPLIT_ROWS and X.dtype == W.dtype and openblas_threads() == 1:
+        yT = _split_gemm(W, X)
+    else:
+        yT = W @ X.T                                       # (out, rows): W read once, fast
     y = xp.empty((rows, W.shape[0]), dtype=yT.dtype)
     if bias is None:
         y[...] = yT.T
