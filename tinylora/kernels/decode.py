@@ -2,7 +2,8 @@
 
 A generation step feeds one new position per row through the model, so each linear
 multiplies a handful of rows by a whole weight, and attention compares one query per head
-with the KV cache. Two things make the general code slow there (measured, float32, OpenBLAS):
+with the KV cache. Three things make the general code slow there (measured, float32,
+OpenBLAS):
 - ``x @ Wᵀ`` with a short, wide x (2 to 64 rows) takes OpenBLAS's slow path: the same
   product written ``(W @ xᵀ)ᵀ`` runs about twice as fast, and the step is mostly these
   GEMMs. With 2 to 8 rows on one BLAS thread, slicing W's rows into OpenBLAS's small-matrix

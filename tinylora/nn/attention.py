@@ -98,8 +98,7 @@ class CausalSelfAttention(Module):
         positions follow the cached ones."""
         if x.ndim != 3 or x.shape[-1] != self.n_embd:
             raise ShapeError(self, f"expected input of shape (B, T, {self.n_embd}), got {tuple(x.shape)}")
-        B, T, C = x.shape
-        nh, hs = self.n_head, C // self.n_head
+        T, nh = x.shape[1], self.n_head
         p = self.dropout if self.training else 0.0
         qkv = self.c_attn(x)                                     # (B, T, 3C)
         mask = None if attention_mask is None else padding_mask(attention_mask)
