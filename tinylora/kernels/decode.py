@@ -39,16 +39,14 @@ _linear = dispatch.reference_of("linear")
 _cached_self_attention = dispatch.reference_of("cached_self_attention")
 
 
-def _split_gemm(W, X):
-    """W @ Xᵀ (out, rows) for 2 to 8 rows, in slices of W's rows small enough for OpenBLAS's
-    small-matrix kernels (M·N·K <= 10⁶ on AVX-512), which skip the packing copy of W that
-    its general GEMM makes: W streams through once. They run on one thread."""
+def _split_gemm(W, X, out):
+    """out (out_features, rows) = W @ Xᵀ for 2 to 8 rows, in slices of W's rows small enough
+    for OpenBLAS's small-matrix kernels (M·N·K <= 10⁶ on AVX-512), which skip the packing copy
+    of W that its general GEMM makes: W streams through once. They run on one thread."""
     rows, K = X.shape
     step = max(1, min(1024 // rows, SMALL_GEMM // (rows * K)))   # measured best near 1024
-    yT = xp.empty((W.shape[0], rows), dtype=W.dtype)
     for lo in range(0, W.shape[0], step):
-        xp.matmul(W[lo:lo + step], X.T, out=yT[lo:lo + step])
-    return yT
+        xp.matmul(W[lo:lo + step], X.T, out=out[lo:lo + step])
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -59,14 +57,17 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return _linear(x, weight, bias)
     X = x.data.reshape(rows, W.shape[1])
     if 2 <= rows <= SPLIT_ROWS and X.dtype == W.dtype and openblas_threads() == 1:
-        yT = _split_gemm(W, X)
+        y = xp.empty((rows, W.shape[0]), dtype=W.dtype)
+        _split_gemm(W, X, y.T)                             # slices written straight into y
+        if bias is not None:
+            y += bias.data
     else:
         yT = W @ X.T                                       # (out, rows): W read once, fast
-    y = xp.empty((rows, W.shape[0]), dtype=yT.dtype)
-    if bias is None:
-        y[...] = yT.T
-    else:
-        xp.add(yT.T, bias.data, out=y)                     # y = x Wᵀ + b, rows in order again
+        y = xp.empty((rows, W.shape[0]), dtype=yT.dtype)
+        if bias is None:
+            y[...] = yT.T
+        else:
+            xp.add(yT.T, bias.data, out=y)                 # y = x Wᵀ + b, rows in order again
     return Tensor._wrap(y.reshape(x.shape[:-1] + (W.shape[0],)))
 
 
@@ -108,10 +109,11 @@ def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None,
     _, N = check_layer_norm(x, normalized_shape, weight, bias)
     X = x.data.reshape(-1, N)
     # sum / N is mean's value exactly (its float64 division rounds to the same float32)
-    xh = X - X.sum(axis=1, keepdims=True) / N
-    var = (xh * xh).sum(axis=1, keepdims=True) / N
-    rstd = xp.divide(1, xp.sqrt(var + X.dtype.type(eps)))
-    xh *= rstd
+    xh = X - xp.add.reduce(X, axis=1, keepdims=True) / N
+    var = xp.add.reduce(xh * xh, axis=1, keepdims=True) / N
+    var += X.dtype.type(eps)
+    xp.sqrt(var, out=var)
+    xh *= xp.divide(1, var, out=var)                        # · 1 / √(σ² + ε), as the kernel
     if weight is not None:
         xh *= weight.data.reshape(N)
         if bias is not None:
