@@ -87,6 +87,17 @@ def test_decode_layer_norm_is_the_blocked_kernel_bit_for_bit():
                     assert np.array_equal(got, want), (dtype, shape, len(args))
 
 
+def test_decode_gelu_is_the_blocked_kernel_bit_for_bit():
+    rng = np.random.default_rng(1)
+    for dtype in ("float32", "float64"):
+        for shape in ((8, 1, 1536), (1, 1, 7), (3, 5)):
+            x = tl.tensor(_arr(rng, shape, dtype))
+            with tl.no_grad():
+                got = decode.gelu(x, approximate="tanh").numpy()
+                want = decode.blocked_gelu(x, approximate="tanh").numpy()
+            assert got.dtype == np.dtype(dtype) and np.array_equal(got, want), (dtype, shape)
+
+
 def test_generation_is_the_same_with_the_decode_kernels_and_without():
     with tl.default_dtype(tl.float64):
         tl.manual_seed(3)

@@ -63,6 +63,8 @@ def _gelu_cases(rng, dt):
         cases += [("erf", lambda x: F.gelu(x), [shape]),
                   ("tanh", lambda x: F.gelu(x, approximate="tanh"), [shape])]
     cases.append(("erf, no_grad", lambda x: F.gelu(x), [(65537,)], "no_grad"))
+    cases.append(("tanh, decode, no_grad", lambda x: F.gelu(x, approximate="tanh"), [(8, 1, 96)],
+                  "no_grad"))
     return cases
 
 

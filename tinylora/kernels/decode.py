@@ -1,9 +1,8 @@
-"""Fast decoding: ``linear`` for a few rows and ``cached_self_attention`` for one new token.
+"""Fast decoding: ``linear`` for a few rows, ``cached_self_attention`` for one new token.
 
 A generation step feeds one new position per row through the model, so each linear
 multiplies a handful of rows by a whole weight, and attention compares one query per head
-with the KV cache. Three things make the general code slow there (measured, float32,
-OpenBLAS):
+with the KV cache. What makes the general code slow there (measured, float32, OpenBLAS):
 - ``x @ Wᵀ`` with a short, wide x (2 to 64 rows) takes OpenBLAS's slow path: the same
   product written ``(W @ xᵀ)ᵀ`` runs about twice as fast, and the step is mostly these
   GEMMs. With 2 to 8 rows on one BLAS thread, slicing W's rows into OpenBLAS's small-matrix
@@ -12,9 +11,9 @@ OpenBLAS):
 - attention's general kernel reshapes q, k, v to one batch axis, which copies the strided
   views of the cache every step; one query needs no causal mask and no blocking, so the
   decode kernel reads the cache in place and writes the heads straight into (B, 1, C) order.
-- layer norm's blocked kernel pays for its blocks and preallocated outputs on every call,
-  several times the arithmetic of a few rows: here the same passes run on whole (small)
-  arrays, the same values bit for bit.
+- layer norm's and GELU's blocked kernels pay for their blocks and preallocated outputs on
+  every call, several times the arithmetic of a few rows: here the same passes run on whole
+  (small) arrays, the same values bit for bit.
 Longer inputs (a prompt's prefill), or any call that records a graph, take the reference or
 the general kernels.
 """
@@ -27,13 +26,18 @@ from ..backend import xp
 from ..blas import openblas_threads
 from ..functional.attention import check_self_attention, mask_array, masked_value
 from ..functional.layers import check_layer_norm
+from ..ops.arith import _SQRT_2_OVER_PI
 from ..tensor import Tensor, is_grad_enabled
-from .layer_norm import layer_norm as blocked_layer_norm   # registered first; wrapped below
+from . import gelu as _gelu, layer_norm as _layer_norm   # noqa: F401  (registered first)
+
+# the general kernels these wrap: small inputs without a graph stay here, the rest go on
+blocked_layer_norm = dispatch.kernel_of("layer_norm")
+blocked_gelu = dispatch.kernel_of("gelu")
 
 DECODE_ROWS = 64         # linear: at most this many rows take the transposed product
 SPLIT_ROWS = 8           # and at most this many, on one BLAS thread, the sliced one
 SMALL_GEMM = 10 ** 6     # OpenBLAS's small-matrix kernels take M·N·K up to this
-SMALL_VALUES = 1 << 14   # layer_norm: inputs up to this size skip the blocked kernel
+SMALL_VALUES = 1 << 14   # layer_norm, gelu: inputs up to this size skip the blocked kernels
 
 _linear = dispatch.reference_of("linear")
 _cached_self_attention = dispatch.reference_of("cached_self_attention")
@@ -121,6 +125,25 @@ def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None,
     return Tensor._wrap(xh.reshape(x.shape))
 
 
+# y = x (1 + tanh(u)) / 2, u = √(2/π)(x + 0.044715 x³): the blocked kernel's passes, whole
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    if approximate != "tanh" or x.data.size > SMALL_VALUES or is_grad_enabled() \
+            or backend.on_device():
+        return blocked_gelu(x, approximate)
+    X = x.data
+    t = X * X                                               # u = c·x·(1 + k x²), t = tanh(u)
+    t *= X.dtype.type(0.044715)
+    t += 1
+    t *= X
+    t *= X.dtype.type(_SQRT_2_OVER_PI)
+    xp.tanh(t, out=t)
+    t += 1                                                  # y = x (1 + t) / 2
+    t *= X
+    t *= 0.5
+    return Tensor._wrap(t)
+
+
 dispatch.register("linear", linear)
+dispatch.register("gelu", gelu)
 dispatch.register("layer_norm", layer_norm)
 dispatch.register("cached_self_attention", cached_self_attention)
