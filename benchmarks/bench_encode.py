@@ -95,12 +95,12 @@ def main(argv=None) -> dict:
         torch = sentence_transformers = None
     ctx = mp.get_context("spawn")
     build = functools.partial(_build, n=args.n, batch_size=args.batch_size)
-    sides = {"tinylora": Side(ctx, "tinylora", None, None, args.threads, build=build)}
+    sides = {"tinylora": Side(ctx, "tinylora", args.threads, build=build)}
     if torch is not None:
-        sides["sentence-transformers"] = Side(ctx, "torch", None, None, args.threads, build=build)
+        sides["sentence-transformers"] = Side(ctx, "torch", args.threads, build=build)
     if args.baseline:
-        sides["baseline"] = Side(ctx, "tinylora", None, None, args.threads,
-                                 str(Path(args.baseline).resolve()), build=build)
+        sides["baseline"] = Side(ctx, "tinylora", args.threads, build=build,
+                                 path=str(Path(args.baseline).resolve()))
     times = {name: [] for name in sides}
     try:
         for s in sides.values():
@@ -110,9 +110,9 @@ def main(argv=None) -> dict:
             for name in order[k % len(order):] + order[:k % len(order)]:
                 time.sleep(args.settle)
                 times[name] += sides[name].run(1)
+        outputs = {name: s.last() for name, s in sides.items()}
     finally:
         peaks = {name: s.close() for name, s in sides.items()}
-    outputs = {name: s.last for name, s in sides.items()}
 
     per_s = {name: args.n / statistics.median(ts) for name, ts in times.items()}
     result = {

@@ -104,12 +104,14 @@ def _build_torch(cfg, mode):
     return lambda: inner(x, y)
 
 
-def _worker(conn, side: str, name: str, mode: str, threads: int, path: str | None = None,
-            build=None) -> None:
-    """Build one side's step, then time ``n`` steps whenever the parent asks.
+def _build(side: str, name: str, mode: str):
+    cfg = CONFIGS[name]
+    return _build_torch(cfg, mode) if side == "torch" else _build_tinylora(cfg, mode)
 
-    ``build(side) -> step`` (picklable) replaces the GPT step: another benchmark's workload
-    (bench_encode.py). The last value a step returned comes back with the peak RSS."""
+
+def _worker(conn, side: str, threads: int, build, args: tuple, path: str | None = None) -> None:
+    """Build one side's step with ``build(side, *args)``, then time ``n`` steps whenever the
+    parent asks ("last" asks for the last step's return value instead)."""
     import resource
     if path is not None:  # the baseline side: its tinylora comes first on the path
         sys.path.insert(0, path)
@@ -118,11 +120,8 @@ def _worker(conn, side: str, name: str, mode: str, threads: int, path: str | Non
         if side == "torch":
             import torch
             torch.set_num_threads(threads)
-            step = build(side) if build else _build_torch(CONFIGS[name], mode)
-            limits = None
-        else:
-            step = build(side) if build else _build_tinylora(CONFIGS[name], mode)
-            limits = threadpool_limits(threads, user_api="blas")
+        step = build(side, *args)
+        limits = None if side == "torch" else threadpool_limits(threads, user_api="blas")
         info = [{k: d.get(k) for k in ("user_api", "internal_api", "version", "num_threads")}
                 for d in threadpool_info()]
         conn.send(("ready", info))
@@ -131,25 +130,31 @@ def _worker(conn, side: str, name: str, mode: str, threads: int, path: str | Non
             n = conn.recv()
             if n is None:
                 break
+            if n == "last":
+                conn.send(last)
+                continue
             times = []
             for _ in range(n):
                 t = time.perf_counter()
-                out = step()
+                last = step()
                 times.append(time.perf_counter() - t)
-                last = out if build else None   # a GPT step's loss stays in its process
             conn.send(times)
         if limits is not None:
             limits.restore_original_limits()
-        conn.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, last))
+        conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     except Exception as exc:  # report, don't hang the parent
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
 class Side:
-    def __init__(self, ctx, side, name, mode, threads, path=None, build=None):
+    """One side in its own spawned process: ``build(side, *args)`` (a module-level function,
+    run there) returns the step to time. ``side`` is "torch" or "tinylora"; ``path`` puts
+    another checkout's tinylora first (the baseline)."""
+
+    def __init__(self, ctx, side, threads, build=_build, args=(), path=None):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, daemon=True,
-                                args=(child, side, name, mode, threads, path, build))
+        self.proc = ctx.Process(target=_worker, args=(child, side, threads, build, args, path),
+                                daemon=True)
         self.proc.start()
         msg = self.conn.recv()
         if msg[0] == "error":
@@ -163,13 +168,16 @@ class Side:
             raise RuntimeError(f"worker failed: {out[1]}")
         return out
 
+    def last(self):
+        """What the last timed step returned (sent back by pickle)."""
+        self.conn.send("last")
+        return self.conn.recv()
+
     def close(self):
-        """Stop the worker; its peak RSS (MB). ``self.last``: what its last step returned."""
         self.conn.send(None)
-        out = self.conn.recv()
-        if out[0] == "error":
-            raise RuntimeError(f"worker failed: {out[1]}")
-        peak, self.last = out
+        peak = self.conn.recv()
+        if isinstance(peak, tuple):
+            raise RuntimeError(f"worker failed: {peak[1]}")
         self.proc.join(timeout=30)
         return peak
 
@@ -190,20 +198,29 @@ def gemm_peak(threads: int) -> float:
     return 2 * 2048 ** 3 / min(ts) / 1e9
 
 
+def alternate(sides, warmup, rounds, per_round, pause) -> dict:
+    """{id(side): step times}: each side warms up, then rounds of ``per_round`` steps run
+    side after side, the order rotating each round (no side always goes first), with a
+    pause before each (the other side's spinning threads go to sleep)."""
+    times = {id(s): [] for s in sides}
+    for s in sides:
+        s.run(warmup)
+        time.sleep(pause)
+    for k in range(rounds):
+        for s in sides[k % len(sides):] + sides[:k % len(sides)]:
+            time.sleep(pause)
+            times[id(s)] += s.run(per_round)
+    return times
+
+
 def compare(ctx, name, mode, threads, warmup, rounds, per_round, pause, baseline=None):
     cfg = CONFIGS[name]
-    ours, theirs = Side(ctx, "tinylora", name, mode, threads), Side(ctx, "torch", name, mode, threads)
-    base = None if baseline is None else Side(ctx, "tinylora", name, mode, threads, baseline)
+    args = (name, mode)
+    ours, theirs = Side(ctx, "tinylora", threads, args=args), Side(ctx, "torch", threads, args=args)
+    base = None if baseline is None else Side(ctx, "tinylora", threads, args=args, path=baseline)
     sides = [ours, theirs] + ([] if base is None else [base])
     try:
-        times = {id(s): [] for s in sides}
-        for s in sides:
-            s.run(warmup)
-            time.sleep(pause)
-        for k in range(rounds):   # the order rotates each round: no side always goes first
-            for s in sides[k % len(sides):] + sides[:k % len(sides)]:
-                time.sleep(pause)
-                times[id(s)] += s.run(per_round)
+        times = alternate(sides, warmup, rounds, per_round, pause)
     finally:
         peaks = [s.close() for s in sides]
     a, b = times[id(ours)], times[id(theirs)]

@@ -63,6 +63,8 @@ def _gelu_cases(rng, dt):
         cases += [("erf", lambda x: F.gelu(x), [shape]),
                   ("tanh", lambda x: F.gelu(x, approximate="tanh"), [shape])]
     cases.append(("erf, no_grad", lambda x: F.gelu(x), [(65537,)], "no_grad"))
+    cases.append(("tanh, decode, no_grad", lambda x: F.gelu(x, approximate="tanh"), [(8, 1, 96)],
+                  "no_grad"))
     return cases
 
 
@@ -72,7 +74,9 @@ def _layer_norm_cases(rng, dt):
              [(131, 1001), (1001,), (1001,)]),
             ("w only", lambda x, w: F.layer_norm(x, (7,), w), [(4, 7), (7,)]),
             ("no affine", lambda x: F.layer_norm(x, (3, 4)), [(2, 3, 4)]),
-            ("frozen x", lambda x, w, b: F.layer_norm(x.detach(), 5, w, b), [(6, 5), (5,), (5,)])]
+            ("frozen x", lambda x, w, b: F.layer_norm(x.detach(), 5, w, b), [(6, 5), (5,), (5,)]),
+            ("decode, no_grad", lambda x, w, b: F.layer_norm(x, 48, w, b),
+             [(8, 1, 48), (48,), (48,)], "no_grad")]
 
 
 def _sdpa_cases(rng, dt):
@@ -172,7 +176,34 @@ def _fused_cases(rng, dt):
     }
 
 
-CASES = {"gelu": _gelu_cases, "cross_entropy": _cross_entropy_cases, "layer_norm": _layer_norm_cases,
+def _linear_cases(rng, dt):
+    # a few rows without a graph take the decode kernel; with one, or with many rows, the GEMM
+    # of the reference
+    return [("grad", lambda x, w, b: F.linear(x, w, b), [(2, 3, 5), (4, 5), (4,)]),
+            ("decode, no_grad", lambda x, w, b: F.linear(x, w, b), [(8, 1, 33), (70, 33), (70,)],
+             "no_grad"),
+            ("one row, no bias", lambda x, w: F.linear(x, w), [(1, 33), (70, 33)], "no_grad"),
+            ("rows past the decode size", lambda x, w: F.linear(x, w), [(65, 9), (7, 9)],
+             "no_grad")]
+
+
+def _cached_attention_cases(rng, dt):
+    # the caches hold garbage past the filled positions: a kernel that read it would differ
+    def attend(past, n_head, mask=None):
+        return lambda qkv, k, v: F.cached_self_attention(qkv, k.data.copy(), v.data.copy(), past,
+                                                         n_head, attn_mask=mask)
+    pad = rng.random((3, 1, 1, 6)) > 0.3
+    add = rng.standard_normal((3, 1, 1, 6)).astype(dt)
+    cache = (3, 2, 9, 4)
+    return [(f"T={T}, past={past}{label}", attend(past, 2, m), [(3, T, 24), cache, cache], "no_grad")
+            for T, past in ((1, 5), (1, 0), (3, 3))
+            for label, m in (("", None), (", pad", pad[..., :past + T]),
+                             (", additive", add[..., :past + T]))]
+
+
+CASES = {"gelu": _gelu_cases, "linear": _linear_cases,
+         "cached_self_attention": _cached_attention_cases, "cross_entropy": _cross_entropy_cases,
+         "layer_norm": _layer_norm_cases,
          "scaled_dot_product_attention": _sdpa_cases, "self_attention": _self_attention_cases,
          "lora_linear": _lora_linear_cases,
          **{name: (lambda name: lambda rng, dt: _fused_cases(rng, dt)[name])(name)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from ..ops import gelu, linear, relu, sigmoid, silu, tanh
 from ..tensor import Tensor
-from .attention import causal_bias, scaled_dot_product_attention, self_attention
+from .attention import (cached_self_attention, causal_bias, scaled_dot_product_attention,
+                        self_attention)
 from .fused import linear_add_layer_norm, linear_cat, linear_gelu, linear_self_attention
 from .gqa import grouped_query_attention, repeat_kv
 from .layers import dropout, embedding, layer_norm
@@ -21,8 +22,8 @@ __all__ = [
     "gelu", "linear", "relu", "sigmoid", "tanh", "scaled_dot_product_attention", "self_attention",
     "causal_bias", "dropout", "embedding", "layer_norm", "cross_entropy", "log_softmax",
     "softmax", "mse_loss", "lora_linear", "silu", "rms_norm", "apply_rotary", "rope_tables",
-    "repeat_kv", "grouped_query_attention", "linear_cat", "linear_gelu", "linear_add_layer_norm",
-    "linear_self_attention",
+    "repeat_kv", "grouped_query_attention", "cached_self_attention", "linear_cat", "linear_gelu",
+    "linear_add_layer_norm", "linear_self_attention",
 ]
 
 

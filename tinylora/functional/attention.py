@@ -1,9 +1,11 @@
 """Scaled dot-product attention as fused ops with a hand-derived backward.
 
-Two entry points:
+Three entry points:
 - ``scaled_dot_product_attention(q, k, v)``: PyTorch's function, q (..., T, d) etc.
 - ``self_attention(qkv, n_head)``: GPT's layout, the packed c_attn output (B, T, 3C) in and
   the heads merged (B, T, C) out.
+- ``cached_self_attention(qkv, k_cache, v_cache, past, n_head)``: the same, continuing a KV
+  cache (inference: generation feeds one new token per step).
 
 Both are written plainly here, as the definition. Their fast versions (kernels/attention.py)
 walk the batch in chunks whose score block stays in cache, and fold the head split and merge
@@ -152,3 +154,28 @@ def self_attention(qkv: Tensor, n_head: int, attn_mask=None, dropout_p: float = 
         return (dQKV.transpose(1, 3, 0, 2, 4).reshape(B, T, C3),)  # back to (B, T, 3, nh, hs)
     return make_result(O.transpose(0, 2, 1, 3).reshape(B, T, C), (qkv,), backward,
                        "self_attention")
+
+
+@dispatch.op("cached_self_attention")
+def cached_self_attention(qkv: Tensor, k_cache, v_cache, past: int, n_head: int,
+                          attn_mask=None) -> Tensor:
+    """``self_attention`` continuing a KV cache, for inference (no gradient).
+
+    qkv (B, T, 3C): the T new positions, after ``past`` cached ones. Their keys and values
+    are written into the arrays k_cache and v_cache (B, n_head, capacity, hs) at
+    [past, past + T); each new query attends to every cached key and to the new keys up to
+    itself (causal, aligned bottom-right). attn_mask: a boolean (True = may attend) or
+    additive mask broadcastable to (B, n_head, T, past + T). Returns (B, T, C).
+    """
+    X = qkv.data
+    check_self_attention(X, n_head)
+    B, T, C3 = X.shape
+    C, hs = C3 // 3, C3 // 3 // n_head
+    q, k, v = X.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)   # 3 × (B, nh, T, hs)
+    S = past + T
+    k_cache[:, :, past:S] = k
+    v_cache[:, :, past:S] = v
+    y = scaled_dot_product_attention(Tensor._wrap(q), Tensor._wrap(k_cache[:, :, :S]),
+                                     Tensor._wrap(v_cache[:, :, :S]), attn_mask=attn_mask,
+                                     is_causal=True)                   # (B, nh, T, hs)
+    return Tensor._wrap(y.data.transpose(0, 2, 1, 3).reshape(B, T, C))  # heads side by side

@@ -11,4 +11,4 @@ from __future__ import annotations
 
 # each kernel module registers itself on import; kernels.adamw registers when tinylora.optim
 # (which defines that op, above this package) imports it
-from . import attention, cross_entropy, encode, gelu, layer_norm, lora  # noqa: E402,F401
+from . import attention, cross_entropy, decode, encode, gelu, layer_norm, lora  # noqa: E402,F401

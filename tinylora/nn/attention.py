@@ -27,12 +27,17 @@ class LayerKVCache:
     def capacity(self) -> int:
         return self.k.shape[2]
 
-    def append(self, k, v):
-        """Store (B, nh, T, hs) new keys/values; return views of all keys/values so far."""
-        T, end = k.shape[2], self.length + k.shape[2]
-        if end > self.capacity:
+    def reserve(self, T: int) -> int:
+        """Check that T more positions fit; return where they start (the caller writes them
+        and then sets ``length``)."""
+        if self.length + T > self.capacity:
             raise ValueError(f"KV cache is full: {self.length} + {T} positions exceed its "
                              f"capacity {self.capacity}; reset it (or recompute) first")
+        return self.length
+
+    def append(self, k, v):
+        """Store (B, nh, T, hs) new keys/values; return views of all keys/values so far."""
+        end = self.reserve(k.shape[2]) + k.shape[2]
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v
         self.length = end
@@ -93,8 +98,7 @@ class CausalSelfAttention(Module):
         positions follow the cached ones."""
         if x.ndim != 3 or x.shape[-1] != self.n_embd:
             raise ShapeError(self, f"expected input of shape (B, T, {self.n_embd}), got {tuple(x.shape)}")
-        B, T, C = x.shape
-        nh, hs = self.n_head, C // self.n_head
+        T, nh = x.shape[1], self.n_head
         p = self.dropout if self.training else 0.0
         qkv = self.c_attn(x)                                     # (B, T, 3C)
         mask = None if attention_mask is None else padding_mask(attention_mask)
@@ -108,17 +112,15 @@ class CausalSelfAttention(Module):
         if is_grad_enabled() and x.requires_grad:
             raise RuntimeError("the KV cache is for inference: call the model under "
                                "tl.no_grad() when passing a cache")
-        q, k, v = (t.transpose(0, 2, 1, 3) for t in               # 3 × (B, nh, T, hs)
-                   qkv.data.reshape(B, T, 3, nh, hs).transpose(2, 0, 1, 3, 4))
-        ks, vs = kv_cache.append(k, v)                           # (B, nh, S, hs), S = past + T
-        if mask is not None and mask.shape[-1] != ks.shape[2]:
+        past = kv_cache.reserve(T)                               # the T new positions follow
+        if mask is not None and mask.shape[-1] != past + T:
             raise ShapeError(self, f"attention_mask covers {mask.shape[-1]} positions but there "
-                                   f"are {ks.shape[2]} keys (cached + new); pass a (B, S) mask")
-        # causal, aligned bottom-right: new query i sees every cached key and new keys <= i
-        y = F.scaled_dot_product_attention(Tensor._wrap(q), Tensor._wrap(ks), Tensor._wrap(vs),
-                                           attn_mask=mask, is_causal=True)
-        y = y.transpose(1, 2).reshape(B, T, C)                   # re-assemble the heads side by side
-        return self.resid_dropout(self.c_proj(y))
+                                   f"are {past + T} keys (cached + new); pass a (B, S) mask")
+        # new keys/values into the cache; causal, aligned bottom-right: new query i sees every
+        # cached key and the new keys <= i
+        y = F.cached_self_attention(qkv, kv_cache.k, kv_cache.v, past, nh, attn_mask=mask)
+        kv_cache.length = past + T
+        return self.resid_dropout(self.c_proj(y))                # y (B, T, C)
 
     def extra_repr(self):
         return f"n_embd={self.n_embd}, n_head={self.n_head}, dropout={self.dropout}"

@@ -129,6 +129,7 @@ def matmul(a, b) -> Tensor:
 
 
 # y = x @ Wᵀ + b  ->  dx = dy @ W,  dW = dyᵀ @ x (over all rows),  db = Σ_rows dy
+@dispatch.op("linear")
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """PyTorch's F.linear as one op: x (..., in), weight (out, in), bias (out,) -> (..., out).
 
