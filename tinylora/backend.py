@@ -16,7 +16,17 @@ import os
 import warnings
 import sys
 
-import numpy as np
+# OpenBLAS's idle threads spin for 2^28 cycles (~0.1 s) after each call before they sleep, so
+# while training they never sleep, and on a few cores they take the cores from the threads
+# of tinylora's blocked kernels (kernels/blocking.parallel). OpenBLAS reads how long to spin
+# once, when NumPy loads it: if tinylora loads NumPy, it asks for 2^12 cycles (~2 µs) unless
+# the environment already says. Measured on 2 cores: a GEMM-only step is as fast either way.
+# Whether idle threads sleep promptly decides whether the kernels use more than one thread.
+if "numpy" not in sys.modules:
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")
+BLAS_SLEEPS_PROMPTLY = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "").strip() not in ("", "28", "29", "30")
+
+import numpy as np  # noqa: E402
 
 from . import guard as _guard_module   # below backend: NumPy behind CuPy's rules (tests)
 from .guard import HostSyncError

@@ -44,8 +44,10 @@ _pool = None
 
 def threads() -> int:
     """How many threads a blocked pass uses: as many as BLAS has now, so one knob
-    (``blas.set_num_threads``, ``--threads``, the busy-machine rule) sets both. 1 on a device."""
-    if backend.on_device():
+    (``blas.set_num_threads``, ``--threads``, the busy-machine rule) sets both. 1 on a device,
+    and 1 when OpenBLAS's idle threads spin (NumPy loaded before tinylora, without
+    OPENBLAS_THREAD_TIMEOUT: see backend), since they would take the cores."""
+    if backend.on_device() or not backend.BLAS_SLEEPS_PROMPTLY:
         return 1
     return blas.num_threads_now()
 
