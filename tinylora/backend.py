@@ -19,12 +19,22 @@ import sys
 # OpenBLAS's idle threads spin for 2^28 cycles (~0.1 s) after each call before they sleep, so
 # while training they never sleep, and on a few cores they take the cores from the threads
 # of tinylora's blocked kernels (kernels/blocking.parallel). OpenBLAS reads how long to spin
-# once, when NumPy loads it: if tinylora loads NumPy, it asks for 2^12 cycles (~2 µs) unless
-# the environment already says. Measured on 2 cores: a GEMM-only step is as fast either way.
-# Whether idle threads sleep promptly decides whether the kernels use more than one thread.
+# once, when NumPy loads it: if tinylora loads NumPy, it asks for 2^22 cycles (~2 ms) unless
+# the environment already says. Shorter spins cost small models a wake-up per GEMM; with this
+# one the GEMMs of a step still find their threads awake, while the kernels' longer passes
+# get the cores. Whether idle threads sleep soon decides whether the kernels use threads.
 if "numpy" not in sys.modules:
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")
-BLAS_SLEEPS_PROMPTLY = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "").strip() not in ("", "28", "29", "30")
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "22")
+
+
+def _blas_sleeps_soon() -> bool:
+    try:
+        return int(os.environ.get("OPENBLAS_THREAD_TIMEOUT", "")) <= 24
+    except ValueError:
+        return False
+
+
+BLAS_SLEEPS_SOON = _blas_sleeps_soon()
 
 import numpy as np  # noqa: E402
 

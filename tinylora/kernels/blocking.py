@@ -47,7 +47,7 @@ def threads() -> int:
     (``blas.set_num_threads``, ``--threads``, the busy-machine rule) sets both. 1 on a device,
     and 1 when OpenBLAS's idle threads spin (NumPy loaded before tinylora, without
     OPENBLAS_THREAD_TIMEOUT: see backend), since they would take the cores."""
-    if backend.on_device() or not backend.BLAS_SLEEPS_PROMPTLY:
+    if backend.on_device() or not backend.BLAS_SLEEPS_SOON:
         return 1
     return blas.num_threads_now()
 
