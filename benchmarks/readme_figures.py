@@ -40,6 +40,15 @@ COMMANDS = {
     "qlora.json": "tinylora bench qlora",
     "llama_smollm2.json": "PYTHONPATH=. python benchmarks/bench_llama.py --threads 2 --json-out "
                           "benchmarks/results/llama_smollm2.json (needs torch, transformers, peft)",
+    "memory.json": "PYTHONPATH=. python benchmarks/bench_memory.py --json-out "
+                   "benchmarks/results/memory.json",
+    "memory_before.json": "PYTHONPATH=DIR python benchmarks/bench_memory.py --json-out "
+                          "benchmarks/results/memory_before.json (DIR: the checkout before)",
+    "busy.json": "PYTHONPATH=. python benchmarks/bench_busy.py --json-out benchmarks/results/busy.json",
+    "generate_threads2.json": "PYTHONPATH=. python benchmarks/bench_generate.py --threads 2 "
+                              "--baseline DIR --json-out benchmarks/results/generate_threads2.json",
+    "generate_threads1.json": "PYTHONPATH=. python benchmarks/bench_generate.py --threads 1 "
+                              "--baseline DIR --json-out benchmarks/results/generate_threads1.json",
 }
 # each README block -> the files it is written from
 SOURCES = {
@@ -51,6 +60,9 @@ SOURCES = {
     "encode": ["encode_threads2.json", "encode_threads1.json"],
     "qlora": ["qlora.json"],
     "llama": ["llama_smollm2.json"],
+    "memory": ["memory.json", "memory_before.json"],
+    "busy": ["busy.json"],
+    "generate": ["generate_threads2.json", "generate_threads1.json"],
 }
 
 # the project's goals, stated next to the measured figure (not measurements)
@@ -387,9 +399,95 @@ def llama() -> str:
     ])
 
 
+def memory() -> str:
+    after, before = load("memory.json"), load("memory_before.json")
+    a = {r["mode"]: r for r in after["results"]}
+    b = {r["mode"]: r for r in before["results"]}
+    rows = []
+    for mode, label in (("full", "full fine-tuning"), ("lora", "LoRA r=8")):
+        rows.append(f"| {label} | {b[mode]['peak_rss_mb']:.0f} → {a[mode]['peak_rss_mb']:.0f} MB | "
+                    f"{b[mode]['kept_for_backward_mb']:.0f} → {a[mode]['kept_for_backward_mb']:.0f} MB | "
+                    f"{b[mode]['step_ms']:.0f} → {a[mode]['step_ms']:.0f} |")
+    lb, la = b["lora"]["kept_by_class_mb"], a["lora"]["kept_by_class_mb"]
+    classes = sorted(set(lb) | set(la), key=lambda k: -max(lb.get(k, 0), la.get(k, 0)))
+    cls = [f"| {k} | {lb.get(k, 0):.1f} | {la.get(k, 0):.1f} |" for k in classes
+           if max(lb.get(k, 0), la.get(k, 0)) >= 1]
+    fixed = a["full"]["grads_mb"] + a["full"]["optimizer_state_mb"]
+    return "\n".join([
+        source_line("memory"),
+        "",
+        f"**What a training step keeps for backward** ({after['n_layer']} layers, "
+        f"{after['n_embd']} wide, block {after['block_size']}, batch {after['batch_size']}; each "
+        "mode in a fresh process; before → after this round's kernels):",
+        "",
+        "| mode | peak RSS | kept for backward | ms/step |",
+        "| --- | ---: | ---: | ---: |",
+        *rows,
+        "",
+        f"LoRA's peak is {before['lora_over_full_peak']:.2f}x full fine-tuning's before and "
+        f"{after['lora_over_full_peak']:.2f}x after (target ≤ 0.6). The kernels no longer keep "
+        "attention's probabilities (each row's max and 1/sum instead, the probabilities "
+        "recomputed per chunk in backward), GELU's tanh or layer norm's x̂ (recomputed from the "
+        "input); every value and gradient is the same bit for bit. What LoRA keeps, by class "
+        "(MB, `tinylora.memory.by_class`):",
+        "",
+        "| kept by | before | after |",
+        "| --- | ---: | ---: |",
+        *cls,
+        "",
+        f"Full fine-tuning adds {fixed:.0f} MB of weight gradients and AdamW moments to the "
+        f"same activations, and the process starts at {a['lora']['rss_after_build_mb']:.0f} MB "
+        "(interpreter, NumPy, weights). What is left is what backward reads: each linear's "
+        "input, the attention's q, k, v and output, the MLP's hidden activation. A 0.6 ratio "
+        "needs LoRA's peak at 1.5x the gradients and moments, which leaves less room than those "
+        "inputs take: only recomputing whole blocks (activation checkpointing, above) gets there.",
+    ])
+
+
+def busy() -> str:
+    d = load("busy.json")
+    r = d["results"][0]
+    chosen = ", ".join(f"{n} thread{'s' if n != '1' else ''} × {c}"
+                       for n, c in r["threads_chosen"]["loaded_default"].items())
+    return "\n".join([
+        source_line("busy"),
+        "",
+        f"**On a busy machine** ({r['n_layer']} layers, {r['n_embd']} wide, {r['mode']} "
+        f"fine-tuning through the Trainer, {r['cores']} cores, one of them kept busy by another "
+        f"process; medians of {r['rounds']} alternating rounds): the default step took "
+        f"{r['loaded_default_over_quiet']:.2f}x its quiet time (target ≤ "
+        f"{r['target_loaded_over_quiet']}; the rule chose {chosen} under load), against "
+        f"{r['loaded_all_over_quiet']:.2f}x with all {r['cores']} threads fixed and "
+        f"{r['loaded_one_over_quiet']:.2f}x with 1 thread fixed. Quiet: "
+        f"{r['quiet_default_ms']:.0f} ms per step.",
+    ])
+
+
+def generate() -> str:
+    two, one = load("generate_threads2.json"), load("generate_threads1.json")
+    rows = []
+    for d in (two, one):
+        for r in d["results"]:
+            base = f" | {r['ratio_vs_baseline']:.2f}" if "ratio_vs_baseline" in r else " | "
+            rows.append(f"| {d['threads']} | {r['batch_size']} | {r['tinylora_tokens_per_s']:.0f} | "
+                        f"{r['torch_tokens_per_s']:.0f} | {r['ratio_tokens_per_s']:.2f}{base} |")
+    r0 = two["results"][0]
+    return "\n".join([
+        source_line("generate"),
+        "",
+        f"**Generation with the KV cache** ({r0['config']}, greedy, {r0['prompt_tokens']}-token "
+        f"prompt, {r0['new_tokens']} new tokens per row, PyTorch eager with the same cache; the "
+        "tokens are equal on both sides; target ≥ 1.0):",
+        "",
+        "| threads | batch | tinylora tokens/s | PyTorch tokens/s | ratio | vs before this round |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        *rows,
+    ])
+
+
 RENDER = {"demo": demo, "classify": classify, "compare-torch": compare_torch,
           "lora-vs-full": lora_vs_full, "infer": infer, "encode": encode, "qlora": qlora,
-          "llama": llama}
+          "llama": llama, "memory": memory, "busy": busy, "generate": generate}
 assert RENDER.keys() == SOURCES.keys()
 
 
