@@ -23,7 +23,7 @@ def spy_parts(monkeypatch):
 
     def spy(run, slices, **kw):
         slices = list(slices)
-        seen[0] = max(seen[0], min(blocking.threads(), len(slices) // 2))
+        seen[0] = max(seen[0], min(blocking.threads(), len(slices) // 4))
         return real(run, slices, **kw)
     for mod in _kernel_modules():
         if hasattr(mod, "parallel"):

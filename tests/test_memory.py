@@ -57,6 +57,15 @@ B, T, C, NH, L = 3, 16, 32, 4, 2
 ACT = B * T * C * 4                                      # one (B, T, C) float32 activation
 
 
+@pytest.fixture(autouse=True)
+def several_chunks(monkeypatch):
+    """Attention keeps probabilities that fit in one chunk (1 MiB), GELU a small tanh(u); these
+    tests' small GPT is treated as a large one, so it recomputes them."""
+    from tinylora.kernels import attention, blocking
+    monkeypatch.setattr(attention, "SCORE_BUDGET", NH * T * T)
+    monkeypatch.setattr(blocking, "KEEP_VALUES", 0)   # and GELU recomputes even small tanh(u)
+
+
 def _gpt_graph(mode, dropout=0.0):
     with tl.kernels_mode(mode):
         tl.manual_seed(0)
@@ -116,5 +125,23 @@ def test_bench_memory_reports_both_modes(tmp_path):
     for r in (full, lora):
         assert r["peak_rss_mb"] > r["rss_after_build_mb"] > 0 and r["step_ms"] > 0
         assert r["kept_for_backward_mb"] == pytest.approx(sum(r["kept_by_class_mb"].values()), abs=0.1)
-        assert "gelu_tanh saved" not in r["kept_by_class_mb"]
+        # the small config's tanh(u) (768 × 512 values) is under KEEP_VALUES: kept, not recomputed
+        assert r["kept_by_class_mb"]["gelu_tanh saved"] == pytest.approx(4 * 768 * 512 * 4 / 2**20, abs=0.01)
     assert res["lora_over_full_peak"] == round(lora["peak_rss_mb"] / full["peak_rss_mb"], 3)
+
+
+def test_probabilities_that_fit_in_one_chunk_are_kept_and_give_the_same_gradients(monkeypatch):
+    from tinylora.kernels import attention
+    grads = {}
+    for budget in (NH * T * T, attention.CACHE_VALUES * 4):   # three chunks; one chunk
+        monkeypatch.setattr(attention, "SCORE_BUDGET", budget)
+        x = tl.tensor(np.random.default_rng(1).standard_normal((B, T, 3 * C)).astype("float32"),
+                      requires_grad=True)
+        y = F.self_attention(x, NH)
+        kept = saved_arrays(y)
+        probs = [k for k in kept if k.shape == (B, NH, T, T) and k.dtype == "float32"]
+        assert len(probs) == (1 if budget > NH * T * T * B else 0)
+        y.backward(tl.tensor(np.ones(y.shape, dtype="float32")))
+        grads[budget] = np.array(x.grad.data)
+    a, b = grads.values()
+    assert np.array_equal(a, b)

@@ -5,7 +5,8 @@ Same math as the reference (see functional/attention.py), made fast and small th
   softmax's passes over the scores run from cache rather than memory (``blocking``);
 - the (B, heads, T, S) probabilities are not kept for backward (T/hs times the size of q:
   4× at T = 256, hs = 64): the forward keeps each row's max and 1/sum, and the backward
-  recomputes each chunk's probabilities with the same operations, bit for bit the forward's;
+  recomputes each chunk's probabilities with the same operations, bit for bit the forward's
+  (unless they all fit in one chunk, 1 MiB: then they are kept, and read);
 - ``self_attention`` folds the head split and merge into the op: q, k, v are strided views of
   qkv (BLAS takes them as they are), the output is written straight in (B, T, C) order, and
   the backward writes dq, dk, dv straight into one dqkv, so no split, transpose or
@@ -84,12 +85,16 @@ def _forward(Q, K, V, O, mask, dropout_p, is_causal, c):
     if drop is not None:   # drawn first, in chunk order: the same stream values as one by one
         for r in chunks:
             drop[r] = backend.dropout_keep(drop[r].shape, dropout_p)
+    # probabilities that fit in one chunk are kept: they are no memory worth a second QKᵀ
+    P = xp.empty(Q.shape[:-1] + (S,), dtype=Q.dtype) if len(chunks) == 1 else None
 
     def run(part):         # one scratch block per thread for its chunks' scores: in cache
-        buf = xp.empty((part[0].stop - part[0].start,) + Q.shape[1:-1] + (S,), dtype=Q.dtype)
+        buf = None if P is not None else xp.empty(
+            (part[0].stop - part[0].start,) + Q.shape[1:-1] + (S,), dtype=Q.dtype)
         for r in part:
             qs = Q[r] * c                              # c·Q per chunk: cheaper than S, not kept
-            p, _ = _scores(qs, K, r, mask, bias, is_causal, buf[:r.stop - r.start], B, T, S)
+            out = buf[:r.stop - r.start] if P is None else P[r]
+            p, _ = _scores(qs, K, r, mask, bias, is_causal, out, B, T, S)
             mx = stats[0, r]
             p.max(axis=-1, keepdims=True, out=mx)
             p -= mx
@@ -102,22 +107,28 @@ def _forward(Q, K, V, O, mask, dropout_p, is_causal, c):
             else:
                 xp.matmul(p, V[r], out=O[r])
     parallel(run, chunks, gemms=True)
-    return stats, bias, drop, scale
+    return stats, bias, drop, scale, P
 
 
 def _backward(G, Q, K, V, O, saved, c, dQ, dK, dV, mask=None, is_causal=False):
     """Write dQ, dK, dV (any of them may be None) for output gradient G (B, nh, T, dv)."""
     B, T, S = Q.shape[0], Q.shape[-2], K.shape[-2]
-    row, bias, drop, scale = saved
+    row, bias, drop, scale, P = saved
 
     def run(part):         # one scratch block per thread for its chunks' scores: in cache
-        buf = xp.empty((part[0].stop - part[0].start,) + Q.shape[1:-1] + (S,), dtype=Q.dtype)
+        buf = None if P is not None else xp.empty(
+            (part[0].stop - part[0].start,) + Q.shape[1:-1] + (S,), dtype=Q.dtype)
         for r in part:
             qs = Q[r] * c
-            p, keep = _scores(qs, K, r, mask, bias, is_causal, buf[:r.stop - r.start], B, T, S)
-            p -= row[0, r]                             # P = exp(S - max) · (1/sum), as forward
-            xp.exp(p, out=p)
-            p *= row[1, r]
+            if P is not None:                          # kept (one chunk): read, not recomputed
+                p = P[r]
+                keep = _keep(mask, r, B, T, S, is_causal) if mask is not None else None
+            else:
+                p, keep = _scores(qs, K, r, mask, bias, is_causal, buf[:r.stop - r.start],
+                                  B, T, S)
+                p -= row[0, r]                         # P = exp(S - max) · (1/sum), as forward
+                xp.exp(p, out=p)
+                p *= row[1, r]
             g = G[r]
             pd = p if drop is None else p * scale * drop[r]
             if dV is not None:

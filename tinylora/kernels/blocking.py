@@ -13,6 +13,8 @@ import contextlib
 from .. import backend, blas
 
 CACHE_VALUES = 1 << 16   # values per block: 256 KiB of float32, which stays in L2
+KEEP_VALUES = 1 << 19    # an intermediate up to this size (2 MiB of float32) is kept for the
+                         # backward: too little memory to pay for recomputing it
 
 
 def block_rows(rows: int, per_row: int = 1, budget: int = CACHE_VALUES,
@@ -61,7 +63,7 @@ def parallel(run, slices, gemms: bool = False) -> None:
     """
     global _pool
     slices = list(slices)
-    k = min(threads(), len(slices) // 2)     # at least two blocks a thread, else not worth it
+    k = min(threads(), len(slices) // 4)     # at least four blocks a thread, else not worth it
     if k <= 1:
         run(slices)
         return

@@ -18,6 +18,7 @@ from .. import backend, dispatch
 from ..backend import np, xp
 from ..ops.arith import _INV_SQRT_2, _INV_SQRT_2PI, _SQRT_2_OVER_PI
 from ..tensor import Tensor, is_grad_enabled, make_result
+from . import blocking
 from .blocking import block_rows, blocks, parallel
 
 
@@ -44,14 +45,15 @@ def _gelu_erf(x: Tensor) -> Tensor:
         c *= 0.5
         return c
     step = block_rows(Xf.size)
+    kept = xp.empty_like(Xf) if Xf.size <= blocking.KEEP_VALUES else None   # small: kept
 
     def forward(part):                               # each thread: its blocks, its own buffer
         cdf = xp.empty(step, dtype=Xf.dtype)
         for b in part:
-            xp.multiply(Xf[b], phi(b, cdf), out=y[b])
+            xp.multiply(Xf[b], phi(b, cdf if kept is None else kept[b]), out=y[b])
     parallel(forward, blocks(Xf.size))
 
-    def backward(g):                                 # Φ(x) recomputed from x, not kept
+    def backward(g):                                 # Φ(x) recomputed from x, unless kept
         gf = xp.ascontiguousarray(g).reshape(-1)
         dx = xp.empty_like(Xf)
 
@@ -64,7 +66,7 @@ def _gelu_erf(x: Tensor) -> Tensor:
                 xp.exp(d, out=d)
                 d *= dt(_INV_SQRT_2PI)
                 d *= xs
-                d += phi(b, cdf)
+                d += phi(b, cdf) if kept is None else kept[b]
                 d *= gf[b]
         parallel(run, blocks(Xf.size))
         return (dx.reshape(X.shape),)
@@ -93,17 +95,18 @@ def _gelu_tanh(x: Tensor) -> Tensor:
         xp.tanh(ts, out=ts)
         return ts
     step = block_rows(Xf.size)
+    kept = xp.empty_like(Xf) if Xf.size <= blocking.KEEP_VALUES else None   # small: kept
 
     def forward(part):                               # each thread: its blocks, its own buffer
         t = xp.empty(step, dtype=Xf.dtype)
         for b in part:
-            xs, ts, ys = Xf[b], tanh_u(b, t), y[b]
+            xs, ts, ys = Xf[b], tanh_u(b, t if kept is None else kept[b]), y[b]
             xp.add(ts, 1, out=ys)                    # y = x (1 + t) / 2
             ys *= xs
             ys *= 0.5
     parallel(forward, blocks(Xf.size))
 
-    def backward(g):                                 # t recomputed from x, not kept
+    def backward(g):                                 # t recomputed from x, unless kept
         gf = xp.ascontiguousarray(g).reshape(-1)
         dx = xp.empty_like(Xf)
 
@@ -113,7 +116,7 @@ def _gelu_tanh(x: Tensor) -> Tensor:
                 xs, d = Xf[b], dx[b]
                 s = tmp[:d.size]
                 xp.multiply(xs, xs, out=s)           # s = c (1 + 3k x²) x
-                ts = tanh_u(b, t, s)
+                ts = tanh_u(b, t, s) if kept is None else kept[b]
                 s *= 3 * k
                 s += 1
                 s *= c
