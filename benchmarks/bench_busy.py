@@ -9,7 +9,8 @@ a few steps per round, each step timed from one ``on_step`` to the next), so the
 through the same checks as in training: at each round's start and every few seconds.
 
 Rounds alternate quiet and loaded, so drift on the machine hits both alike:
-  quiet:  the default step, nothing else started here;
+  quiet:  1 thread fixed (what one free core can do: the floor under load), then the default
+          step, nothing else started here;
   loaded: a child process spinning on one core (``while True: pass``), started a moment
           before; under it, for context, fixed counts (all cores, then 1 thread:
           ``limit_threads``, an explicit choice the rule leaves alone), then the default.
@@ -93,12 +94,14 @@ def measure(name: str, mode: str, rounds: int, steps: int, pause: float, settle:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     trainer, stamps = make_trainer(cfg, mode)
     run_round(trainer, stamps, 2, None)                # warm-up (and the rule's first window)
-    sides = {"quiet_default": [], "loaded_all": [], "loaded_one": [], "loaded_default": []}
+    sides = {"quiet_one": [], "quiet_default": [], "loaded_all": [], "loaded_one": [],
+             "loaded_default": []}
     chosen = {"quiet_default": collections.Counter(), "loaded_default": collections.Counter()}
     spinner = Spinner()
     try:
         for _ in range(rounds):
             time.sleep(pause)
+            sides["quiet_one"] += run_round(trainer, stamps, steps, 1)[0]   # the floor: 1 core
             t, n = run_round(trainer, stamps, steps, None)
             sides["quiet_default"] += t
             chosen["quiet_default"].update(n)

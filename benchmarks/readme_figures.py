@@ -30,13 +30,13 @@ MIB = 2 ** 20
 COMMANDS = {
     "demo.json": ("tinylora demo --out DIR", "DIR/metrics.json, absolute paths removed"),
     "classify.json": ("OPENBLAS_NUM_THREADS=1 tinylora classify --out DIR", "DIR/metrics.json"),
-    "compare_torch.json": "python benchmarks/compare_torch.py --threads 2 --rounds 16 "
+    "compare_torch.json": "python benchmarks/compare_torch.py --threads 2 --rounds 12 "
                           "--baseline DIR --json-out benchmarks/results/compare_torch.json",
     "lora_vs_full_gpt-6x384.json": "tinylora bench lora --config gpt-6x384",
     "infer_gpt-6x384.json": "tinylora bench infer --config gpt-6x384",
     "infer_nanogpt-cpu.json": "tinylora bench infer --config nanogpt-cpu",
-    "encode_threads2.json": "PYTHONPATH=. python benchmarks/bench_encode.py --threads 2",
-    "encode_threads1.json": "PYTHONPATH=. python benchmarks/bench_encode.py --threads 1",
+    "encode_threads2.json": "PYTHONPATH=. python benchmarks/bench_encode.py --threads 2 --baseline DIR",
+    "encode_threads1.json": "PYTHONPATH=. python benchmarks/bench_encode.py --threads 1 --baseline DIR",
     "qlora.json": "tinylora bench qlora",
     "llama_smollm2.json": "PYTHONPATH=. python benchmarks/bench_llama.py --threads 2 --json-out "
                           "benchmarks/results/llama_smollm2.json (needs torch, transformers, peft)",
@@ -428,7 +428,9 @@ def memory() -> str:
         f"{after['lora_over_full_peak']:.2f}x after (target ≤ 0.6). The kernels no longer keep "
         "attention's probabilities (each row's max and 1/sum instead, the probabilities "
         "recomputed per chunk in backward), GELU's tanh or layer norm's x̂ (recomputed from the "
-        "input); every value and gradient is the same bit for bit. What LoRA keeps, by class "
+        "input); small ones (attention's within one 1 MiB chunk, GELU's up to 2 MiB) are still "
+        "kept, as not worth a recompute. Every value and gradient is the same bit for bit. What "
+        "LoRA keeps, by class "
         "(MB, `tinylora.memory.by_class`):",
         "",
         "| kept by | before | after |",
@@ -447,8 +449,9 @@ def memory() -> str:
 def busy() -> str:
     d = load("busy.json")
     r = d["results"][0]
-    chosen = ", ".join(f"{n} thread{'s' if n != '1' else ''} × {c}"
-                       for n, c in r["threads_chosen"]["loaded_default"].items())
+    counts = r["threads_chosen"]["loaded_default"]
+    chosen = ", ".join(f"{n} thread{'s' if n != '1' else ''} in {c} of {sum(counts.values())} "
+                       "timed steps" for n, c in counts.items())
     return "\n".join([
         source_line("busy"),
         "",
@@ -459,7 +462,10 @@ def busy() -> str:
         f"{r['target_loaded_over_quiet']}; the rule chose {chosen} under load), against "
         f"{r['loaded_all_over_quiet']:.2f}x with all {r['cores']} threads fixed and "
         f"{r['loaded_one_over_quiet']:.2f}x with 1 thread fixed. Quiet: "
-        f"{r['quiet_default_ms']:.0f} ms per step.",
+        f"{r['quiet_default_ms']:.0f} ms per step."
+        + (f" One thread on the quiet machine takes {r['quiet_one_over_quiet']:.2f}x: with one of "
+           f"{r['cores']} cores taken, that is the floor, and the step spends its time where a "
+           "second core helps." if "quiet_one_over_quiet" in r else ""),
     ])
 
 
