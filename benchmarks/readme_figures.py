@@ -409,7 +409,7 @@ def memory() -> str:
                     f"{b[mode]['kept_for_backward_mb']:.0f} → {a[mode]['kept_for_backward_mb']:.0f} MB | "
                     f"{b[mode]['step_ms']:.0f} → {a[mode]['step_ms']:.0f} |")
     lb, la = b["lora"]["kept_by_class_mb"], a["lora"]["kept_by_class_mb"]
-    classes = sorted(set(lb) | set(la), key=lambda k: -max(lb.get(k, 0), la.get(k, 0)))
+    classes = sorted(set(lb) | set(la), key=lambda k: (-max(lb.get(k, 0), la.get(k, 0)), k))
     cls = [f"| {k} | {lb.get(k, 0):.1f} | {la.get(k, 0):.1f} |" for k in classes
            if max(lb.get(k, 0), la.get(k, 0)) >= 1]
     fixed = a["full"]["grads_mb"] + a["full"]["optimizer_state_mb"]
