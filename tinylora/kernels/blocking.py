@@ -41,7 +41,7 @@ def blocks(rows: int, per_row: int = 1, budget: int = CACHE_VALUES,
 # take their own run of blocks share the cores for real. Blocks are independent (each
 # writes only its own slice of the outputs), so the values are the same with any count.
 
-_pool = None
+_pool, _pool_workers = None, 0   # grown when more threads are asked for, never shrunk
 
 
 def threads() -> int:
@@ -61,15 +61,18 @@ def parallel(run, slices, gemms: bool = False) -> None:
     ``gemms`` the parts multiply matrices too: OpenBLAS then runs each product on its caller's
     thread meanwhile, so the threads are the cores' only users.
     """
-    global _pool
+    global _pool, _pool_workers
     slices = list(slices)
     k = min(threads(), len(slices) // 4)     # at least four blocks a thread, else not worth it
     if k <= 1:
         run(slices)
         return
-    if _pool is None or _pool._max_workers < k - 1:
+    if _pool_workers < k - 1:
         from concurrent.futures import ThreadPoolExecutor
+        if _pool is not None:
+            _pool.shutdown(wait=False)       # its idle threads end; nothing of ours is queued
         _pool = ThreadPoolExecutor(max_workers=k - 1, thread_name_prefix="tinylora-blocks")
+        _pool_workers = k - 1
     cuts = [len(slices) * i // k for i in range(k + 1)]
     parts = [slices[cuts[i]:cuts[i + 1]] for i in range(k)]
     with blas.one_thread() if gemms else contextlib.nullcontext():
